@@ -1,0 +1,75 @@
+"""Checkpoints: plain tensors and JSON-able values only, so `torch.load(weights_only=True)` reads them.
+
+Layout (format "wbsr-checkpoint", version 1):
+    model_config: dict            ModelConfig as JSON types
+    train_config: dict | None     TrainConfig as JSON types (None for an imported plain network)
+    model: dict[str, Tensor]      supernet state dict (BasicSR parameter names)
+    specs: list[[width, depth]]   subnets, cheapest first
+    flops: list[int]              2 x MACs of each subnet on one 32x32 LR patch
+    num_classes: int              K
+    thresholds: list[float]       K-1 descriptor thresholds (wbsr_train.descriptor)
+    calibration: dict | None      {"psnr_table": K x M, "tolerance_db": float, "class_to_subnet": [K ints]}
+    state: dict | None            resume state: step, optimizer, scheduler, loss, rng
+    metrics: dict                 last validation numbers
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "wbsr-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or of an unknown format; the message is one line."""
+
+
+def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **ckpt}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`; CheckpointError says in one line what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused, not a plain-tensor checkpoint ({first[:160]})") from None
+    except Exception as e:  # torch raises RuntimeError/EOFError/zipfile errors for corrupt files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a WBSR checkpoint (no '{FORMAT}' format tag)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {ckpt.get('version')!r} is not supported (this toolkit reads {VERSION})"
+        )
+    return ckpt
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
