@@ -73,3 +73,16 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def supernet_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """The supernet of a loaded checkpoint, weights in, in eval mode."""
+    from .config import model_config_from_dict
+    from .model import build_supernet
+
+    net = build_supernet(model_config_from_dict(ckpt["model_config"]))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model config ({str(e).splitlines()[0]})") from None
+    return net.eval()

@@ -65,7 +65,7 @@ class SlimMSRResNet(nn.Module):
         for block in self.body[:depth]:
             out = block(out, width)
         upconvs = [self.upconv1, self.upconv2] if self.cfg.scale == 4 else [self.upconv1]
-        for conv, r in zip(upconvs, self.shuffles):
+        for conv, r in zip(upconvs, self.shuffles, strict=True):
             out = F.leaky_relu(F.pixel_shuffle(conv(out, width * r * r), r), 0.1)
         out = self.conv_last(F.leaky_relu(self.conv_hr(out, width), 0.1), 3)
         base = F.interpolate(x, scale_factor=self.cfg.scale, mode="bilinear", align_corners=False)
@@ -110,14 +110,15 @@ class RCAB(nn.Module):
 class ResidualGroup(nn.Module):
     def __init__(self, channels: int, blocks: int, reduction: int):
         super().__init__()
+        # BasicSR names: residual_group.{i} (RCABs), conv (the group's tail conv).
         self.residual_group = nn.ModuleList([RCAB(channels, reduction) for _ in range(blocks)])
-        self.residual_group.append(conv3x3(channels, channels))
+        self.conv = conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor, width: int, depth: int) -> torch.Tensor:
         y = x
         for block in self.residual_group[:depth]:
             y = block(y, width)
-        return x + self.residual_group[-1](y, width)
+        return x + self.conv(y, width)
 
 
 class SlimRCAN(nn.Module):
@@ -135,7 +136,10 @@ class SlimRCAN(nn.Module):
         self.body = nn.ModuleList(ResidualGroup(c, cfg.blocks, cfg.reduction) for _ in range(cfg.n_groups))
         self.conv_after_body = conv3x3(c, c)
         self.shuffles = [2, 2] if s == 4 else [s]
-        self.upsample = nn.ModuleList(conv3x3(c, c * r * r) for r in self.shuffles)
+        # BasicSR's Upsample is Sequential(conv, PixelShuffle, ...): convs at upsample.0 (and upsample.2).
+        self.upsample = nn.ModuleList()
+        for r in self.shuffles:
+            self.upsample.extend([conv3x3(c, c * r * r), nn.PixelShuffle(r)])
         self.conv_last = conv3x3(c, 3)
 
     def forward(self, x: torch.Tensor, spec: SubnetSpec | None = None) -> torch.Tensor:
@@ -147,7 +151,7 @@ class SlimRCAN(nn.Module):
         for group in self.body:
             out = group(out, width, depth)
         out = self.conv_after_body(out, width) + feat
-        for conv, r in zip(self.upsample, self.shuffles):
+        for conv, r in zip(self.upsample[::2], self.shuffles, strict=True):
             out = F.pixel_shuffle(conv(out, width * r * r), r)
         return self.conv_last(out, 3) / self.IMG_RANGE + self.mean
 

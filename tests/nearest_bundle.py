@@ -1,0 +1,176 @@
+"""A hand-built bundle whose "subnets" are nearest-neighbour Resize graphs (optionally times a gain), built
+with onnx.helper only, so runtime tests can check exact results without torch or a trained model.
+
+Its router ignores the frame: class = 1 + (7 * y0 + 3 * x0) mod K of each box, score = class - 1, with
+thresholds 0.5, 1.5, ... so the manifest's thresholds classify the scores consistently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from wbsr_runtime.manifest import hash_files, write_manifest
+
+
+def nearest(x: np.ndarray, s: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of the last two axes."""
+    return np.repeat(np.repeat(x, s, axis=-2), s, axis=-1)
+
+
+def router_classes(boxes: np.ndarray, k: int) -> np.ndarray:
+    """What the stand-in router returns for `boxes` (n, 4): classes in 1..K."""
+    return 1 + (7 * boxes[:, 0] + 3 * boxes[:, 1]) % k
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def subnet_graph(scale: int, gain: float, path: Path) -> None:
+    """lr (N, 3, h, w) -> sr = gain * nearest(lr) (N, 3, h*s, w*s)."""
+    inits = [
+        numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales"),
+        numpy_helper.from_array(np.array(gain, np.float32), "gain"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Resize",
+            ["lr", "", "scales"],
+            ["up"],
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        ),
+        helper.make_node("Mul", ["up", "gain"], ["sr"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nearest",
+        [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", 3, "h", "w"])],
+        [helper.make_tensor_value_info("sr", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        inits,
+    )
+    _save(graph, path)
+
+
+def router_graph(k: int, path: Path) -> None:
+    inits = [
+        numpy_helper.from_array(np.array(v, np.int64), n)
+        for v, n in [(0, "c0"), (1, "c1"), (7, "seven"), (3, "three"), (k, "k"), (1, "one")]
+    ]
+    nodes = [
+        helper.make_node("Gather", ["boxes", "c0"], ["y0"], axis=1),
+        helper.make_node("Gather", ["boxes", "c1"], ["x0"], axis=1),
+        helper.make_node("Mul", ["y0", "seven"], ["a"]),
+        helper.make_node("Mul", ["x0", "three"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["ab"]),
+        helper.make_node("Mod", ["ab", "k"], ["m"]),
+        helper.make_node("Add", ["m", "one"], ["classes"]),
+        helper.make_node("Cast", ["m"], ["scores"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "router",
+        [
+            helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, 3, "H", "W"]),
+            helper.make_tensor_value_info("boxes", TensorProto.INT64, ["n", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("classes", TensorProto.INT64, ["n"]),
+        ],
+        inits,
+    )
+    _save(graph, path)
+
+
+def torch_program(scale: int, gain: float, path: Path) -> None:
+    """The same subnet as a torch.export program (needs torch; for the torch backend)."""
+    import torch
+
+    class Nearest(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, c, h, w = x.shape
+            y = x[:, :, :, None, :, None].expand(n, c, h, scale, w, scale).reshape(n, c, h * scale, w * scale)
+            return y * gain
+
+    dims = {
+        0: torch.export.Dim("N", max=4096),
+        2: torch.export.Dim("h", max=8192),
+        3: torch.export.Dim("w", max=8192),
+    }
+    program = torch.export.export(Nearest(), (torch.rand(2, 3, 8, 8),), dynamic_shapes=(dims,))
+    torch.export.save(program, str(path))
+
+
+def build_nearest_bundle(
+    out: Path,
+    *,
+    scale: int = 2,
+    gains: tuple[float, ...] = (1.0, 1.0, 1.0),
+    k: int = 4,
+    patch: int = 8,
+    overlap: int = 2,
+    torch: bool = False,
+    psnr_table: bool = True,
+) -> Path:
+    """Write the bundle to `out` (created) and return it."""
+    out.mkdir(parents=True, exist_ok=True)
+    router_graph(k, out / "router.onnx")
+    subnets = []
+    for m, gain in enumerate(gains):
+        files = {"onnx": f"subnet_{m:02d}.onnx"}
+        subnet_graph(scale, gain, out / files["onnx"])
+        if torch:
+            files["torch"] = f"subnet_{m:02d}.pt2"
+            torch_program(scale, gain, out / files["torch"])
+        subnets.append(
+            {
+                "index": m,
+                "width": 8 * (m + 1),
+                "depth": 1,
+                "flops_per_patch": 1024 * (m + 1) ** 2,
+                "flops_patch": 32,
+                "files": files,
+                "input": "lr",
+                "output": "sr",
+            }
+        )
+    n = len(gains)
+    table = [[30.0 - 0.5 * c + 0.1 * c * j for j in range(n)] for c in range(k)] if psnr_table else None
+    manifest = {
+        "format": "wbsr-bundle",
+        "schema_version": 1,
+        "name": "nearest",
+        "scale": scale,
+        "model": {},
+        "input": {"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"},
+        "tiling": {"patch": patch, "overlap": overlap},
+        "router": {
+            "file": "router.onnx",
+            "inputs": {"frame": "frame", "boxes": "boxes"},
+            "outputs": {"scores": "scores", "classes": "classes"},
+            "num_classes": k,
+            "thresholds": [c + 0.5 for c in range(k - 1)],
+            "class_patch": 32,
+            "descriptor": "test-stand-in",
+        },
+        "subnets": subnets,
+        "routing": {
+            "psnr_table": table,
+            "tolerance_db": None,
+            "class_to_subnet": [min(c, n - 1) for c in range(k)],
+        },
+        "engines": [],
+        "files": hash_files(out),
+        "provenance": {},
+    }
+    write_manifest(out, manifest)
+    return out

@@ -1,0 +1,124 @@
+"""One conformance test over every backend available here (ort always; torch, trt when importable)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.nearest_bundle import build_nearest_bundle, nearest, router_classes
+from wbsr_runtime.backends import BackendError, open_runners
+from wbsr_runtime.manifest import load_manifest
+from wbsr_runtime.routing import classify
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+def _cuda() -> bool:
+    if not _has("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+CASES = [
+    pytest.param("ort", {}, id="ort-cpu"),
+    pytest.param("torch", {}, id="torch-cpu", marks=pytest.mark.skipif(not _has("torch"), reason="no torch")),
+    pytest.param(
+        "torch",
+        {"device": "cuda"},
+        id="torch-cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")],
+    ),
+    pytest.param(
+        "trt",
+        {},
+        id="trt",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.trt,
+            pytest.mark.skipif(not _has("tensorrt"), reason="no TensorRT"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def gain_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_nearest_bundle(
+        tmp_path_factory.mktemp("conf") / "b", scale=3, gains=(1.0, 2.0, 0.5), torch=_has("torch")
+    )
+
+
+def numpy_scores(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """docs/bundle.md descriptor: mean + std of the Sobel magnitude of BT.601 luma over each box interior."""
+    y = (np.array([65.481, 128.553, 24.966]) @ frame[0].reshape(3, -1).astype(np.float64) + 16) / 255
+    y = y.reshape(frame.shape[2:])
+    k = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
+    win = np.lib.stride_tricks.sliding_window_view(y, (3, 3))
+    g = np.hypot(np.einsum("ijab,ab->ij", win, k), np.einsum("ijab,ab->ij", win, k.T))
+    return np.array(
+        [g[y0 : y1 - 2, x0 : x1 - 2].mean() + g[y0 : y1 - 2, x0 : x1 - 2].std() for y0, x0, y1, x1 in boxes]
+    )
+
+
+@pytest.mark.parametrize("backend,opts", CASES)
+def test_backend_conformance(
+    backend: str, opts: dict, gain_bundle: Path, request: pytest.FixtureRequest
+) -> None:
+    rng = np.random.default_rng(0)
+    manifest = load_manifest(gain_bundle)
+    runners = open_runners(manifest, backend, workers=2, **opts)
+    assert len(runners) == 2
+    for runner in runners:
+        with runner:
+            assert runner.name == backend and runner.device
+            for m, gain in enumerate((1.0, 2.0, 0.5)):
+                for shape in [(1, 3, 5, 7), (3, 3, 12, 12)]:
+                    batch = rng.random(shape, dtype=np.float32)
+                    out = runner.run_subnet(m, batch)
+                    assert out.dtype == np.float32 and out.shape == (*shape[:2], shape[2] * 3, shape[3] * 3)
+                    np.testing.assert_allclose(
+                        out, nearest(batch, 3) * np.float32(gain), rtol=1e-6, atol=1e-6
+                    )
+            frame = rng.random((1, 3, 20, 30), dtype=np.float32)
+            boxes = np.array([[0, 0, 8, 8], [3, 5, 20, 30], [10, 1, 13, 4]], dtype=np.int64)
+            scores, classes = runner.route(frame, boxes)
+            assert scores.dtype == np.float32 and classes.dtype == np.int64
+            np.testing.assert_array_equal(classes, router_classes(boxes, 4))
+            np.testing.assert_array_equal(classes, classify(scores, manifest.router.thresholds))
+
+    # The real exported bundle (needs torch to build): subnets against ORT CPU, router against the spec.
+    if not _has("torch"):
+        return
+    tiny = load_manifest(request.getfixturevalue("tiny_bundle"))
+    import onnxruntime as ort
+
+    batch = rng.random((2, 3, 16, 16), dtype=np.float32)
+    frame = rng.random((1, 3, 40, 36), dtype=np.float32)
+    boxes = np.array([[0, 0, 16, 16], [8, 4, 40, 36], [20, 20, 23, 23]], dtype=np.int64)
+    with open_runners(tiny, backend, workers=1, **opts)[0] as runner:
+        for m, s in enumerate(tiny.subnets):
+            ref = ort.InferenceSession(str(tiny.path(s.files["onnx"])), providers=["CPUExecutionProvider"])
+            np.testing.assert_allclose(
+                runner.run_subnet(m, batch), ref.run(None, {"lr": batch})[0], atol=1e-4
+            )
+        scores, classes = runner.route(frame, boxes)
+        np.testing.assert_allclose(scores, numpy_scores(frame, boxes), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(classes, classify(scores, tiny.router.thresholds))
+
+
+def test_unknown_or_unavailable_backends_fail_in_one_line(gain_bundle: Path) -> None:
+    manifest = load_manifest(gain_bundle)
+    with pytest.raises(BackendError, match="unknown backend"):
+        open_runners(manifest, "tensorflow")
+    if not _has("tensorrt"):
+        with pytest.raises(BackendError, match="pip install tensorrt"):
+            open_runners(manifest, "trt")
+    with pytest.raises(BackendError, match="onnxruntime-gpu"):
+        open_runners(manifest, "ort", device="cuda")

@@ -1,0 +1,104 @@
+"""`wbsr-export`: checkpoint -> bundle folder, and TensorRT engines for a bundle.
+
+    wbsr-export --ckpt CK.pt [--out engines/NAME] [--fp16] [--trt] [--max-batch B] [--patch P] [--overlap O]
+    wbsr-export --bundle DIR --trt [--fp16] ...      (no torch, no checkpoint: builds engines on this device)
+
+User errors print one line on stderr and exit 2; a failed parity check exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ParityError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wbsr-export", description="Export a WBSR checkpoint to a runtime bundle."
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", type=Path, help="checkpoint written by wbsr-train / wbsr-calibrate")
+    src.add_argument("--bundle", type=Path, help="existing bundle to add TensorRT engines to (with --trt)")
+    p.add_argument("--out", type=Path, help="bundle folder (default: engines/<checkpoint stem>)")
+    p.add_argument(
+        "--fp16", action="store_true", help="also export fp16 graphs; build fp16 engines with --trt"
+    )
+    p.add_argument("--trt", action="store_true", help="build TensorRT engines for this GPU (needs tensorrt)")
+    p.add_argument("--max-batch", type=int, default=None, help="largest patch batch (default 16)")
+    p.add_argument("--patch", type=int, default=None, help="default LR core patch size (default 32)")
+    p.add_argument("--overlap", type=int, default=None, help="LR context on each side of a patch (default 4)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-torch-programs", action="store_true", help="skip the torch.export .pt2 programs")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit (MiB)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level (0-5)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return dict(
+        precision="fp16" if args.fp16 else "fp32",
+        max_batch=args.max_batch,
+        patch=args.patch,
+        overlap=args.overlap,
+        workspace_mb=args.workspace_mb,
+        opt_level=args.opt_level,
+    )
+
+
+def _run(args: argparse.Namespace) -> str:
+    """Do the work; returns the line to print on success."""
+    from .attach import add_engines
+
+    if args.bundle is not None:
+        if not args.trt:
+            raise ValueError(
+                "--bundle only adds TensorRT engines: pass --trt (export a checkpoint with --ckpt)"
+            )
+        records = add_engines(args.bundle, **_engine_options(args))
+        return f"added {len(records)} TensorRT engines to {args.bundle}"
+    from .bundle import export_bundle  # imports torch: only on this path
+
+    out = args.out if args.out is not None else Path("engines") / args.ckpt.stem
+    export_bundle(
+        args.ckpt,
+        out,
+        fp16=args.fp16,
+        max_batch=args.max_batch or 16,
+        patch=32 if args.patch is None else args.patch,
+        overlap=4 if args.overlap is None else args.overlap,
+        force=args.force,
+        torch_programs=not args.no_torch_programs,
+    )
+    if args.trt:
+        records = add_engines(out, **_engine_options(args))
+        return f"wrote bundle {out} with {len(records)} TensorRT engines"
+    return f"wrote bundle {out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        print(_run(args))
+    except KeyboardInterrupt:
+        print("wbsr-export: interrupted, nothing written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # CheckpointError, BundleError, ExportError, TensorRT errors: ValueError/RuntimeError subclasses.
+        print(f"wbsr-export: error: {_one_line(e)}", file=sys.stderr)
+        return 1 if isinstance(e, ParityError) else 2
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

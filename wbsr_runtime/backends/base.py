@@ -1,0 +1,120 @@
+"""The one interface every backend implements (STYLE.md principle 5).
+
+A `Runner` is created bound to one worker (one thread; on a GPU one stream and its own execution contexts),
+used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and does two things:
+
+- `run_subnet(index, batch)`: `batch` (n, 3, h, w) float32 RGB in [0, 1] -> (n, 3, h*s, w*s) float32, not
+  clamped, computed by subnet `index` of the bundle (0 = cheapest). `n` is at most `max_batch` when that is
+  not None; the scheduler chunks to it. Implementations may assume one calling thread at a time.
+- `route(frame, boxes)`: frame (1, 3, H, W) float32 in [0, 1], boxes (n, 4) int64 `y0, x0, y1, x1`
+  (half-open, each >= 3x3) -> scores (n,) float32 and classes (n,) int64 in 1..K. The implementation here
+  runs the bundle's `router.onnx` with ONNX Runtime on the CPU (it is cheap), so backends inherit it.
+
+Attributes for reporting: `name` (backend name), `max_batch` (int or None for unbounded), `device` (a short
+string such as "cpu" or "cuda:0 (NVIDIA H100)"), `providers` (what actually runs, e.g. ORT providers).
+
+A subclass implements `_load(index)` (build whatever runs subnet `index`, called lazily once) and
+`_infer(handle, batch)`, and releases its own resources in `close()` (calling `super().close()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be created or run here (missing package, no GPU, silent CPU fallback, ...)."""
+
+
+def subnet_files(manifest: Manifest, index: int) -> dict[str, str]:
+    """`{"onnx": ..., "onnx_fp16"?: ..., "torch"?: ...}` of subnet `index` (paths relative to the bundle)."""
+    return dict(manifest.subnets[index].files)
+
+
+class Runner:
+    """Base runner: lazy per-subnet handles, the ONNX Runtime CPU router, context management."""
+
+    name = "base"
+
+    def __init__(self, manifest: Manifest, worker_index: int = 0, max_batch: int | None = None) -> None:
+        self.manifest = manifest
+        self.worker_index = worker_index
+        self.max_batch = max_batch
+        self.device = "cpu"
+        self.providers: list[str] = []
+        self._handles: dict[int, Any] = {}
+        self._router: Any = None
+        self._lock = threading.Lock()
+
+    # --- to implement -------------------------------------------------------------------------------------
+    def _load(self, index: int) -> Any:
+        """Build the object that runs subnet `index` (session, module, engine context)."""
+        raise NotImplementedError
+
+    def _infer(self, handle: Any, batch: np.ndarray) -> np.ndarray:
+        """Run one handle on (n, 3, h, w) float32 -> (n, 3, h*s, w*s) float32."""
+        raise NotImplementedError
+
+    # --- the interface ------------------------------------------------------------------------------------
+    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, h, w) float32 in [0, 1] -> (n, 3, h*s, w*s) float32 (not clamped) by subnet `index`."""
+        if not 0 <= index < len(self.manifest.subnets):
+            raise IndexError(f"subnet {index} out of range 0..{len(self.manifest.subnets) - 1}")
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected an (n, 3, h, w) batch, got {batch.shape}")
+        if self.max_batch is not None and batch.shape[0] > self.max_batch:
+            raise ValueError(f"batch of {batch.shape[0]} exceeds max_batch {self.max_batch}")
+        with self._lock:
+            if index not in self._handles:
+                self._handles[index] = self._load(index)
+            handle = self._handles[index]
+        return self._infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
+
+    def route(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """frame (1, 3, H, W) float32 in [0, 1], boxes (n, 4) int64 -> scores (n,) float32, classes (n,)
+        int64 in 1..K."""
+        with self._lock:
+            if self._router is None:
+                self._router = _cpu_session(self.manifest.path(self.manifest.router.file), threads=1)
+        frame = np.ascontiguousarray(frame, dtype=np.float32)
+        boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+        names = self.manifest.router
+        scores, classes = self._router.run(
+            [names.outputs["scores"], names.outputs["classes"]],
+            {names.inputs["frame"]: frame, names.inputs["boxes"]: boxes},
+        )
+        return scores.astype(np.float32), classes.astype(np.int64)
+
+    def close(self) -> None:
+        """Free everything this runner holds (subclasses free their own handles first)."""
+        self._handles.clear()
+        self._router = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(worker={self.worker_index}, device={self.device!r}, providers={self.providers})"
+
+
+def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
+    """An ONNX Runtime CPU session with `threads` intra-op threads (so many sessions don't oversubscribe)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

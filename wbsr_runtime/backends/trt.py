@@ -1,0 +1,363 @@
+"""TensorRT backend: the bundle's engines, run with cuda-python (`cuda.bindings.runtime`), not pycuda/torch.
+
+Written against the TensorRT named-tensor API, unchanged from 10.3 (JetPack 6) to 11.x; it avoids everything
+removed in 10.0 or 11.x (binding indices, `execute_async_v2`, `device_memory_size`, ...). NOT exercised by CI
+or by any run of ours: no machine here has TensorRT. Everything around it (engine records, keys, checks) lives
+in `wbsr_runtime.engines` and is tested.
+
+Layout: `TrtEngine` is one engine's execution context plus pinned host and device buffers sized for the
+profile maximum, bound to no stream; `TrtRunner` owns one non-blocking stream (or borrows the caller's) and
+one `TrtEngine` per subnet. Deserialised engines are shared, reference-counted, by all runners of a process
+(one engine per subnet, one execution context per concurrent worker, as TensorRT intends).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engines import EngineMismatch, TensorRTUnavailable, find_engine, rebuild_command
+from .base import BackendError, Runner
+
+log = logging.getLogger(__name__)
+
+
+# --- lazy imports and cuda-python error handling ------------------------------------------------------------
+class TrtUnavailable(TensorRTUnavailable, BackendError):
+    """TensorRT or cuda-python is missing: both the shared error and the backends' "can't run here" error."""
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError:
+        raise TrtUnavailable("TensorRT") from None
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    """`cuda.bindings.runtime` (cuda-python >= 12.6), or the older `cuda.cudart` spelling."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError:
+            raise TrtUnavailable("cuda-python") from None
+    return runtime
+
+
+class CudaError(BackendError):
+    """A CUDA runtime call failed."""
+
+
+def cuda_check(result: Any, what: str) -> Any:
+    """cuda-python returns `(err, *values)`: raise `CudaError` naming the call unless err is success (0);
+    return None, the single value, or the tuple of values."""
+    result = result if isinstance(result, tuple) else (result,)
+    err, values = result[0], result[1:]
+    if int(err) != 0:
+        raise CudaError(f"{what} failed: {getattr(err, 'name', err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def gpu_identity(cudart: Any, device: int) -> tuple[str, str]:
+    """(GPU name, compute capability "M.m") of CUDA device `device`: the same strings export records."""
+    props = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name
+    if isinstance(name, bytes):
+        name = name.split(b"\0", 1)[0].decode(errors="replace")
+    return str(name).strip(), f"{int(props.major)}.{int(props.minor)}"
+
+
+# --- one engine: context + reused buffers -------------------------------------------------------------------
+class _PinnedBuffer:
+    """`count` float32 in pinned host memory (a numpy view) and in device memory."""
+
+    def __init__(self, cudart: Any, count: int) -> None:
+        self._cudart, self.nbytes = cudart, 4 * int(count)
+        self.host_ptr = self.device_ptr = 0
+        try:
+            self.host_ptr = int(cuda_check(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost"))
+            self.device_ptr = int(cuda_check(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
+        except BaseException:
+            self.free()
+            raise
+        c_floats = ctypes.cast(self.host_ptr, ctypes.POINTER(ctypes.c_float))
+        self.host = np.ctypeslib.as_array(c_floats, (int(count),))
+
+    def free(self) -> None:
+        if self.device_ptr:
+            cuda_check(self._cudart.cudaFree(self.device_ptr), "cudaFree")
+            self.device_ptr = 0
+        if self.host_ptr:
+            self.host = None
+            cuda_check(self._cudart.cudaFreeHost(self.host_ptr), "cudaFreeHost")
+            self.host_ptr = 0
+
+
+class TrtEngine:
+    """One deserialised engine's execution context with float32 I/O buffers sized for the profile maximum."""
+
+    def __init__(self, trt: Any, cudart: Any, engine: Any, input_name: str, output_name: str) -> None:
+        self._trt, self._cudart = trt, cudart
+        self.input_name, self.output_name = input_name, output_name
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        for name in (input_name, output_name):
+            if name not in names:
+                raise BackendError(f"engine has no tensor {name!r} (it has {sorted(names)})")
+            if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                raise BackendError(f"engine tensor {name!r} is not float32; rebuild it from this bundle")
+        self.min_shape, _, self.max_shape = (
+            tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(input_name, 0)
+        )
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError("TensorRT could not create an execution context (out of GPU memory?)")
+        out_max = self._set_shape(self.max_shape)
+        self._in = _PinnedBuffer(cudart, int(np.prod(self.max_shape)))
+        try:
+            self._out = _PinnedBuffer(cudart, int(np.prod(out_max)))
+        except BaseException:
+            self._in.free()
+            raise
+
+    @property
+    def max_batch(self) -> int:
+        return self.max_shape[0]
+
+    def _set_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        shape = tuple(int(d) for d in shape)
+        inside = len(shape) == len(self.max_shape) and all(
+            lo <= d <= hi for lo, d, hi in zip(self.min_shape, shape, self.max_shape, strict=True)
+        )
+        if not inside or not self.context.set_input_shape(self.input_name, shape):
+            raise ValueError(
+                f"input shape {shape} is outside the engine's profile {self.min_shape}..{self.max_shape}"
+            )
+        return tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+
+    def enqueue(self, in_ptr: int, out_ptr: int, shape: Sequence[int], stream: int) -> tuple[int, ...]:
+        """Enqueue inference on device buffers on `stream` (asynchronous); returns the output shape."""
+        out_shape = self._set_shape(shape)
+        for name, ptr in ((self.input_name, in_ptr), (self.output_name, out_ptr)):
+            if not self.context.set_tensor_address(name, int(ptr)):
+                raise BackendError(f"TensorRT refused the address of {name!r}")
+        if not self.context.execute_async_v3(int(stream)):  # returns False instead of raising
+            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        return out_shape
+
+    def execute(self, batch: np.ndarray, stream: int) -> np.ndarray:
+        """(n, 3, h, w) float32 host -> (n, 3, h*s, w*s) float32 host via the pinned buffers; synchronous."""
+        cudart, kind = self._cudart, self._cudart.cudaMemcpyKind
+        self._set_shape(batch.shape)  # refuse shapes outside the profile before touching the buffers
+        n_in = batch.size
+        self._in.host[:n_in] = batch.reshape(-1)
+        cuda_check(
+            cudart.cudaMemcpyAsync(
+                self._in.device_ptr, self._in.host_ptr, 4 * n_in, kind.cudaMemcpyHostToDevice, stream
+            ),
+            "cudaMemcpyAsync H2D",
+        )
+        out_shape = self.enqueue(self._in.device_ptr, self._out.device_ptr, batch.shape, stream)
+        n_out = int(np.prod(out_shape))
+        cuda_check(
+            cudart.cudaMemcpyAsync(
+                self._out.host_ptr, self._out.device_ptr, 4 * n_out, kind.cudaMemcpyDeviceToHost, stream
+            ),
+            "cudaMemcpyAsync D2H",
+        )
+        cuda_check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        return self._out.host[:n_out].reshape(out_shape).copy()
+
+    def close(self) -> None:
+        for buf in (getattr(self, "_in", None), getattr(self, "_out", None)):
+            if buf is not None:
+                buf.free()
+        self.context = None
+
+
+# --- engines shared by the runners of a process -------------------------------------------------------------
+class _EngineCache:
+    """Deserialise each plan file once per process and device; reference-counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], list[Any]] = {}  # key -> [runtime, engine, refs]
+
+    def acquire(self, trt: Any, path: Path, device: int, bundle: object = None) -> Any:
+        key = (str(Path(path).resolve()), device)
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = [*deserialize(trt, Path(path).read_bytes(), bundle), 0]
+            self._entries[key][2] += 1
+            return self._entries[key][1]
+
+    def release(self, path: Path, device: int) -> None:
+        key = (str(Path(path).resolve()), device)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del self._entries[key]  # engine before runtime: drop the engine reference first
+                    entry[1] = None
+
+
+_ENGINES = _EngineCache()
+_LOGGER: Any = None
+
+
+def trt_logger(trt: Any) -> Any:
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def deserialize(trt: Any, plan: bytes, bundle: object = None) -> tuple[Any, Any]:
+    """(runtime, engine) from a plan; the runtime must outlive the engine."""
+    runtime = trt.Runtime(trt_logger(trt))
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise EngineMismatch(
+            f"TensorRT {trt.__version__} could not load the engine (built by another version or corrupt); "
+            f"rebuild with: {rebuild_command(bundle)}"
+        )
+    return runtime, engine
+
+
+def run_plan_once(
+    trt: Any, cudart: Any, plan: bytes, batch: np.ndarray, input_name: str, output_name: str, device: int = 0
+) -> np.ndarray:
+    """Run a plan once on a host batch, on its own stream: what `wbsr-export --trt` validates engines with."""
+    cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
+    runtime, engine = deserialize(trt, plan)
+    stream = int(
+        cuda_check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
+    )
+    runner = None
+    try:
+        runner = TrtEngine(trt, cudart, engine, input_name, output_name)
+        return runner.execute(np.ascontiguousarray(batch, dtype=np.float32), stream)
+    finally:
+        if runner is not None:
+            runner.close()
+        cuda_check(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+        del engine, runtime
+
+
+# --- the runner ---------------------------------------------------------------------------------------------
+def _device_ordinal(device: int | str) -> int:
+    """0, "0", "cuda" or "cuda:1" -> the CUDA ordinal."""
+    text = str(device).strip().lower().removeprefix("cuda").removeprefix(":")
+    if not text.isdigit() and text != "":
+        raise BackendError(f"the trt backend runs on a CUDA device (0, 1, 'cuda:1'), not {device!r}")
+    return int(text or 0)
+
+
+class TrtRunner(Runner):
+    """Runs the bundle's TensorRT engines on one non-blocking CUDA stream (its own, or `stream`, a caller's
+    `cudaStream_t` handle as an int). Refuses engines built for another TensorRT version or GPU."""
+
+    name = "trt"
+
+    def __init__(
+        self,
+        manifest: Any,
+        worker_index: int = 0,
+        *,
+        stream: int | None = None,
+        device: int | str = 0,
+        precision: str | None = None,
+        fp16: bool | None = None,
+        max_batch: int | None = None,
+    ) -> None:
+        """`device`: CUDA ordinal (or "cuda:N"); `precision`/`fp16`: which engines to use when the bundle has
+        both (default: the first recorded for this machine); `max_batch`: cap below the engines' profile."""
+        self._trt, self._cudart = import_tensorrt(), import_cudart()
+        super().__init__(manifest, worker_index)
+        self._device_index, self._stream, self._owns_stream = _device_ordinal(device), 0, False
+        if precision is None and fp16 is not None:
+            precision = "fp16" if fp16 else "fp32"
+        self._records = self._check_engines(precision)
+        self.max_batch = min(int(r["profile"]["max"][0]) for r in self._records)
+        if max_batch is not None:
+            self.max_batch = max(1, min(self.max_batch, int(max_batch)))
+        self.providers = [f"TensorRT {self._trt.__version__}"]
+        if stream is None:
+            flags = self._cudart.cudaStreamNonBlocking
+            self._stream = int(cuda_check(self._cudart.cudaStreamCreateWithFlags(flags), "cudaStreamCreate"))
+            self._owns_stream = True
+        else:
+            self._stream = int(stream)
+
+    def _check_engines(self, precision: str | None) -> list[dict[str, Any]]:
+        cuda_check(self._cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
+        gpu, cc = gpu_identity(self._cudart, self._device_index)
+        self.device = f"cuda:{self._device_index} ({gpu})"
+        engines = [dict(r) for r in self.manifest.engines]
+        bundle = self.manifest.root
+        return [
+            find_engine(
+                engines,
+                i,
+                trt_version=self._trt.__version__,
+                gpu_name=gpu,
+                compute_capability=cc,
+                precision=precision,
+                bundle=bundle,
+            )
+            for i in range(len(self.manifest.subnets))
+        ]
+
+    def _load(self, index: int) -> TrtEngine:
+        record, subnet = self._records[index], self.manifest.subnets[index]
+        path = self.manifest.path(record["file"])
+        engine = _ENGINES.acquire(self._trt, path, self._device_index, self.manifest.root)
+        try:
+            return TrtEngine(self._trt, self._cudart, engine, subnet.input, subnet.output)
+        except BaseException:
+            _ENGINES.release(path, self._device_index)
+            raise
+
+    def _infer(self, handle: TrtEngine, batch: np.ndarray) -> np.ndarray:
+        cuda_check(self._cudart.cudaSetDevice(self._device_index), "cudaSetDevice")  # per-thread state
+        return handle.execute(batch, self._stream)
+
+    def run_subnet_device(
+        self, index: int, in_ptr: int, out_ptr: int, shape: Sequence[int], stream: int | None = None
+    ) -> tuple[int, ...]:
+        """Enqueue subnet `index` on device buffers: `in_ptr` holds (n, 3, h, w) float32 contiguous, `out_ptr`
+        receives (n, 3, h*s, w*s) float32. Asynchronous on `stream` (default: the runner's); the caller
+        synchronises. Returns the output shape."""
+        with self._lock:
+            if index not in self._handles:
+                self._handles[index] = self._load(index)
+            handle = self._handles[index]
+        cuda_check(self._cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
+        return handle.enqueue(in_ptr, out_ptr, shape, self._stream if stream is None else int(stream))
+
+    def synchronize(self) -> None:
+        """Wait for everything enqueued on the runner's stream."""
+        cuda_check(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self._stream and self._handles:
+            self.synchronize()
+        for index, handle in list(self._handles.items()):
+            handle.close()
+            _ENGINES.release(self.manifest.path(self._records[index]["file"]), self._device_index)
+        self._handles.clear()
+        if self._owns_stream and self._stream:
+            cuda_check(self._cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+        self._stream, self._owns_stream = 0, False
+        super().close()

@@ -1,0 +1,105 @@
+"""Run the tiles of one frame over a backend's runners: one implementation shared by all backends.
+
+Tiles are grouped by subnet (so every chunk is one batched call), chunked to the runners' `max_batch`, and
+dispatched over the runners, one thread per runner (each runner is bound to its own sessions / stream). A
+worker extracts its chunk's tiles from the padded frame, runs them and hands the outputs to a thread-safe
+`Stitcher`, so at most one chunk of tiles and outputs per worker exists at a time (bounded memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends.base import Runner
+from .tiling import Stitcher, TilePlan, extract_tiles
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 16  # tiles per call when the backend sets no limit: large enough to batch, small in memory
+
+
+@dataclass
+class ScheduleTimes:
+    """Seconds spent, summed over workers: running subnets, and extracting + stitching tiles."""
+
+    subnets: float = 0.0
+    tiling: float = 0.0
+
+
+def make_chunks(tile_subnets: np.ndarray, chunk: int) -> list[tuple[int, np.ndarray]]:
+    """`[(subnet, tile indices)]`: tiles grouped by subnet (ascending), each group split into <= `chunk`."""
+    chunks = []
+    for m in np.unique(tile_subnets):
+        idx = np.flatnonzero(tile_subnets == m)
+        chunks += [(int(m), idx[i : i + chunk]) for i in range(0, len(idx), chunk)]
+    return chunks
+
+
+def chunk_size(runners: Sequence[Runner], chunk: int | None = None) -> int:
+    """The tiles per call: `chunk` (or DEFAULT_CHUNK), capped by the smallest runner `max_batch`."""
+    limits = [r.max_batch for r in runners if r.max_batch is not None]
+    size = chunk or DEFAULT_CHUNK
+    return max(1, min([size, *limits]))
+
+
+def run_tiles(
+    runners: Sequence[Runner],
+    plan: TilePlan,
+    padded: np.ndarray,
+    tile_subnets: np.ndarray,
+    scale: int,
+    chunk: int | None = None,
+) -> tuple[np.ndarray, ScheduleTimes]:
+    """Upscale every tile of `plan` with its subnet and stitch.
+
+    padded: `pad_frame(frame, plan)`, (3, Hp, Wp) float32 in [0, 1]; tile_subnets: (n,) int subnet per tile.
+    Returns the stitched (3, H*s, W*s) float32 frame (not clamped) and the time spent.
+    """
+    if len(tile_subnets) != plan.num_tiles:
+        raise ValueError(f"{len(tile_subnets)} subnet indices for {plan.num_tiles} tiles")
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    for job in make_chunks(np.asarray(tile_subnets), chunk_size(runners, chunk)):
+        jobs.put(job)
+    stitcher = Stitcher(plan, scale)
+    stop = threading.Event()
+    times = [ScheduleTimes() for _ in runners]
+
+    def work(runner: Runner, t: ScheduleTimes) -> None:
+        while not stop.is_set():
+            try:
+                m, idx = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                t0 = time.perf_counter()
+                tiles = extract_tiles(padded, plan, idx)
+                t1 = time.perf_counter()
+                out = runner.run_subnet(m, tiles)
+                t2 = time.perf_counter()
+                stitcher.add(idx, out)
+                t.tiling += (t1 - t0) + (time.perf_counter() - t2)
+                t.subnets += t2 - t1
+            except BaseException:
+                stop.set()  # the other workers stop after their current chunk
+                raise
+
+    if len(runners) == 1:
+        work(runners[0], times[0])  # no thread for the common single-worker case
+    else:
+        with ThreadPoolExecutor(len(runners), thread_name_prefix="wbsr-worker") as pool:
+            futures = [pool.submit(work, r, t) for r, t in zip(runners, times, strict=True)]
+            for f in futures:
+                f.result()  # re-raises a worker's error
+    total = ScheduleTimes(sum(t.subnets for t in times), sum(t.tiling for t in times))
+    t0 = time.perf_counter()
+    out = stitcher.result()
+    total.tiling += time.perf_counter() - t0
+    return out, total

@@ -1,0 +1,214 @@
+"""Tile plans, tile extraction and stitching: pure numpy, no model (STYLE.md principle 7).
+
+Two modes, both on a low-resolution (LR) frame of `height x width` pixels:
+
+- `blend=False` (the runtime default): core patches of `patch x patch` cover the frame, the last row/column
+  shifted inward so every core lies inside the frame; each is read with `overlap` pixels of context on every
+  side, so every tile is `patch + 2*overlap` square, and its output is cropped back to the core. At the frame
+  borders the window is shifted inward instead of padded (the core sits off-centre in it), so border tiles
+  see the real frame edge as whole-frame inference does: with `overlap` >= the network's receptive-field
+  radius, tiling reproduces whole-frame inference up to float rounding. Cores that
+  overlap because of the inward shift write disjoint parts (`plan.owned`), so the result does not depend on
+  the order in which tiles arrive.
+- `blend=True` (the ClassSR/ARM evaluation protocol, e.g. patch 32, overlap 4 = step 28): tiles of
+  `patch x patch` at step `patch - overlap`, the last shifted inward, outputs averaged where they overlap.
+
+Only a frame smaller than a tile is padded (at the bottom/right, by reflection: numpy "reflect", mirrored
+without repeating the edge pixel), so every tile of a plan has the same size. Coordinates
+are LR pixels, boxes half-open `(y0, x0, y1, x1)`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of one LR frame are read from and where their outputs go.
+
+    `boxes` (n, 4) int64: the frame region each tile is classified on (core clipped to the frame; blend mode:
+    the tile clipped to the frame). `owned` (n, 4) int64: the frame region each tile's output is written to
+    (crop mode: a partition of the frame; blend mode: equal to `boxes`, averaged). `origins` (n, 2) int64: the
+    top-left corner of each tile window in the padded frame. `pad`: (top, bottom, left, right) padding.
+    """
+
+    height: int
+    width: int
+    patch: int
+    overlap: int
+    blend: bool
+    tile: int
+    pad: tuple[int, int, int, int]
+    boxes: np.ndarray
+    owned: np.ndarray
+    origins: np.ndarray
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        top, bottom, left, right = self.pad
+        return self.height + top + bottom, self.width + left + right
+
+    @property
+    def window_pixels(self) -> int:
+        """LR pixels actually fed to the network over all tiles (context included)."""
+        return self.num_tiles * self.tile * self.tile
+
+
+def _starts(size: int, extent: int, step: int) -> np.ndarray:
+    """Start offsets of windows of `extent` at `step` over `size`, the last shifted inward (a single 0 when
+    the frame is smaller than a window)."""
+    if size <= extent:
+        return np.zeros(1, dtype=np.int64)
+    return np.append(np.arange(0, size - extent, step, dtype=np.int64), size - extent)
+
+
+def _axis(size: int, patch: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-axis starts, box ends and owned starts (owned = disjoint tail of each core)."""
+    starts = _starts(size, patch, step)
+    ends = np.minimum(starts + patch, size)
+    owned_start = np.concatenate([[0], np.maximum(starts[1:], ends[:-1])]).astype(np.int64)
+    return starts, ends, owned_start
+
+
+def plan_tiles(height: int, width: int, patch: int, overlap: int, blend: bool = False) -> TilePlan:
+    """Plan the tiles of an LR frame of `height x width` pixels (any size >= 1x1).
+
+    Crop mode (`blend=False`): ceil(H/patch) x ceil(W/patch) tiles of `patch + 2*overlap` pixels.
+    Blend mode: tiles of `patch` pixels at step `patch - overlap` (requires `overlap < patch`).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"frame must be at least 1x1, got {height}x{width}")
+    if patch < 1 or overlap < 0:
+        raise ValueError(f"need patch >= 1 and overlap >= 0, got patch={patch}, overlap={overlap}")
+    if blend and overlap >= patch:
+        raise ValueError(f"blend mode needs overlap < patch, got patch={patch}, overlap={overlap}")
+    step = patch - overlap if blend else patch
+    ctx = 0 if blend else overlap
+    ys, ye, yo = _axis(height, patch, step)
+    xs, xe, xo = _axis(width, patch, step)
+    iy, ix = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    iy, ix = iy.ravel(), ix.ravel()
+    boxes = np.stack([ys[iy], xs[ix], ye[iy], xe[ix]], axis=1).astype(np.int64)
+    owned = boxes.copy() if blend else np.stack([yo[iy], xo[ix], ye[iy], xe[ix]], axis=1).astype(np.int64)
+    # Windows stay inside the frame (shifted inward at its borders, core off-centre), so a border tile sees
+    # the true frame edge exactly as whole-frame inference does; padding only where the frame is smaller.
+    t = patch + 2 * ctx
+    origins = np.stack(
+        [np.clip(ys[iy] - ctx, 0, max(height - t, 0)), np.clip(xs[ix] - ctx, 0, max(width - t, 0))], axis=1
+    ).astype(np.int64)
+    pad = (0, max(t - height, 0), 0, max(t - width, 0))
+    return TilePlan(height, width, patch, overlap, blend, t, pad, boxes, owned, origins)
+
+
+def pad_frame(frame: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """Pad a (3, H, W) frame by reflection to `plan.padded_shape` (returns the input when no padding)."""
+    _check_frame(frame, plan)
+    top, bottom, left, right = plan.pad
+    if not any(plan.pad):
+        return frame
+    return np.pad(frame, ((0, 0), (top, bottom), (left, right)), mode="reflect")
+
+
+def _check_frame(frame: np.ndarray, plan: TilePlan) -> None:
+    if frame.ndim != 3 or frame.shape[1:] != (plan.height, plan.width):
+        raise ValueError(
+            f"frame shape {frame.shape} does not match the plan's (C, {plan.height}, {plan.width})"
+        )
+
+
+def extract_tiles(frame: np.ndarray, plan: TilePlan, indices: np.ndarray | None = None) -> np.ndarray:
+    """Tiles `(n, C, T, T)` (same dtype as the frame) of a `(C, H, W)` frame, or of the frame already padded
+    by `pad_frame` (shape `(C, *plan.padded_shape)`, so chunks don't pad again); `indices` selects tiles
+    (default: all, in plan order)."""
+    if frame.ndim == 3 and frame.shape[1:] != plan.padded_shape:
+        frame = pad_frame(frame, plan)
+    if frame.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) frame, got shape {frame.shape}")
+    idx = np.arange(plan.num_tiles) if indices is None else np.asarray(indices, dtype=np.int64)
+    t = plan.tile
+    out = np.empty((len(idx), frame.shape[0], t, t), dtype=frame.dtype)
+    for j, i in enumerate(idx):
+        y, x = plan.origins[i]
+        out[j] = frame[:, y : y + t, x : x + t]
+    return out
+
+
+def route_boxes(plan: TilePlan, min_size: int = 3) -> np.ndarray:
+    """Classification boxes (n, 4) int64 in padded-frame coordinates, each grown to at least `min_size` on
+    both axes (the router's minimum) by extending into the padding; route on `pad_frame(frame, plan)`.
+
+    Boxes already large enough cover exactly the same pixels as `plan.boxes` in the unpadded frame.
+    """
+    ph, pw = plan.padded_shape
+    if ph < min_size or pw < min_size:
+        raise ValueError(
+            f"padded frame {ph}x{pw} is smaller than the router's {min_size}x{min_size} minimum; "
+            "use a larger patch or overlap"
+        )
+    top, _, left, _ = plan.pad
+    b = plan.boxes + np.array([top, left, top, left], dtype=np.int64)
+    for lo, hi, limit in ((0, 2, ph), (1, 3, pw)):
+        short = b[:, hi] - b[:, lo] < min_size
+        b[short, hi] = np.minimum(b[short, lo] + min_size, limit)
+        b[short, lo] = b[short, hi] - min_size
+    return b
+
+
+class Stitcher:
+    """Accumulates tile outputs `(n, C, T*s, T*s)` in any order, chunk by chunk, into `(C, H*s, W*s)` float32.
+
+    Crop mode writes each tile's owned region straight into the output (no extra memory). Blend mode keeps a
+    float64 sum (so averaging identical values is exact) and divides by the per-pixel tile count at the end.
+    `add` is thread-safe.
+    """
+
+    def __init__(self, plan: TilePlan, scale: int, channels: int = 3) -> None:
+        self.plan, self.scale = plan, scale
+        shape = (channels, plan.height * scale, plan.width * scale)
+        self._out = np.zeros(shape, dtype=np.float64 if plan.blend else np.float32)
+        self._count = np.zeros(shape[1:], dtype=np.float32) if plan.blend else None
+        self._lock = threading.Lock()
+        self._done = 0
+
+    def add(self, indices: np.ndarray, outputs: np.ndarray) -> None:
+        """Add the outputs of tiles `indices` (plan order numbers)."""
+        s, t = self.scale, self.plan.tile * self.scale
+        if outputs.ndim != 4 or outputs.shape[0] != len(indices) or outputs.shape[2:] != (t, t):
+            raise ValueError(f"outputs {outputs.shape} do not match {len(indices)} tiles of {t}x{t}")
+        top, _, left, _ = self.plan.pad
+        with self._lock:
+            for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
+                y0, x0, y1, x1 = self.plan.owned[i]
+                oy = y0 - (self.plan.origins[i, 0] - top)  # owned start inside the tile, LR pixels
+                ox = x0 - (self.plan.origins[i, 1] - left)
+                src = outputs[j, :, oy * s : (oy + y1 - y0) * s, ox * s : (ox + x1 - x0) * s]
+                dst = (slice(None), slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
+                if self._count is None:
+                    self._out[dst] = src
+                else:
+                    self._out[dst] += src
+                    self._count[dst[1:]] += 1
+            self._done += len(indices)
+
+    def result(self) -> np.ndarray:
+        """The stitched `(C, H*s, W*s)` float32 frame; every tile must have been added."""
+        if self._done < self.plan.num_tiles:
+            raise RuntimeError(f"only {self._done} of {self.plan.num_tiles} tiles were added")
+        if self._count is None:
+            return self._out
+        return (self._out / self._count).astype(np.float32)
+
+
+def stitch_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
+    """Stitch all tile outputs `(n, C, T*s, T*s)` (plan order) into a `(C, H*s, W*s)` float32 frame."""
+    stitcher = Stitcher(plan, scale, channels=outputs.shape[1])
+    stitcher.add(np.arange(plan.num_tiles), outputs)
+    return stitcher.result()

@@ -1,0 +1,267 @@
+"""Training and validation data: image reading, folder listing, LR synthesis, random aligned patches.
+
+Everything here works on numpy: images are (H, W, 3) uint8 RGB, patches (N, 3, p, p) float32 in [0, 1].
+The bicubic itself lives in `imresize.py` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .imresize import imresize, make_lr, mod_crop
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "TrainSet",
+    "augment",
+    "imresize",
+    "is_lr_folder",
+    "list_images",
+    "load_pairs",
+    "make_lr",
+    "mod_crop",
+    "read_image",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read (truncated, corrupt, not an image, too large)."""
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W, 3) uint8 RGB. Alpha is dropped; 16-bit is scaled to 8-bit."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        v = np.asarray(im).astype(np.float64)
+        y = np.floor(np.clip(v, 0, 65535) / 257.0 + 0.5).astype(np.uint8)
+        return np.repeat(y[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        v = np.asarray(im, dtype=np.float64)
+        v = v * 255.0 if v.size and np.nanmax(v) <= 1.0 else v  # float images in [0, 1] or [0, 255]
+        y = np.floor(np.clip(np.nan_to_num(v), 0, 255) + 0.5).astype(np.uint8)
+        return np.repeat(y[:, :, None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow wants transparency resolved before dropping it
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB, upright per its EXIF orientation.
+
+    Any format and mode Pillow reads (PNG, JPEG, BMP, TIFF, WebP; gray, gray+alpha, RGBA, palette, CMYK):
+    alpha is dropped (training uses RGB only) and 16-bit samples are scaled to 8-bit (v / 257, rounded),
+    i.e. training sees 8-bit data. Truncated, corrupt or non-image files, and images over Pillow's
+    decompression-bomb limit, raise ImageError naming the file.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except FileNotFoundError as e:
+        raise ImageError(f"{path}: no such file") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: too many pixels for a safe decode ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def is_lr_folder(name: str) -> bool:
+    """A folder of low-resolution copies: `LR_bicubic`, `LR*`, `*_LR_*` (benchmark and DIV2K layouts)."""
+    return name.startswith("LR") or "_LR_" in name or name.endswith("_LR")
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(folder: Path, skip_lr: bool) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (skip_lr and is_lr_folder(d))]
+        found += [Path(root) / f for f in files if not f.startswith(".") and _is_image_name(f)]
+    return found
+
+
+def list_images(folders: Sequence[str | Path], skip_lr: bool = True) -> list[Path]:
+    """All image files under `folders`, recursively, sorted, without duplicates.
+
+    With `skip_lr` (default) sub-folders holding LR copies (see `is_lr_folder`) are not entered, so a
+    benchmark set (`Set5/HR`, `Set5/LR_bicubic/X4`) or DIV2K (`DIV2K_train_HR`, `DIV2K_train_LR_bicubic`)
+    yields only its HR images. A missing folder, or one without images, raises ValueError.
+    """
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    paths: set[Path] = set()
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise ValueError(f"image folder {folder} does not exist or is not a folder")
+        found = _walk_images(folder, skip_lr)
+        if not found:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
+        paths.update(found)
+    return sorted(paths)
+
+
+def _lr_index(lr_folders: Sequence[str | Path], scale: int) -> dict[str, Path]:
+    """LR files by the stem of their HR image: `0001x4.png` and `0001.png` both answer to `0001`."""
+    index = {}
+    for p in list_images(lr_folders, skip_lr=False):
+        stem = p.stem
+        if stem.lower().endswith(f"x{scale}"):
+            stem = stem[: -len(f"x{scale}")]
+        index[stem] = p
+    return index
+
+
+def _load_pair(path: Path, scale: int, lr_index: dict[str, Path] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(HR mod-cropped (H, W, 3), LR (H/s, W/s, 3)) uint8 for one HR file; LR made or read from lr_index."""
+    hr = np.ascontiguousarray(mod_crop(read_image(path), scale))
+    if lr_index is None:
+        return hr, make_lr(hr, scale)
+    if path.stem not in lr_index:
+        raise ValueError(f"no LR image for {path} in the LR folders")
+    lr = read_image(lr_index[path.stem])
+    if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
+        raise ValueError(
+            f"LR {lr_index[path.stem]} is {lr.shape[1]}x{lr.shape[0]}, expected "
+            f"{hr.shape[1] // scale}x{hr.shape[0] // scale} for {path} at x{scale}"
+        )
+    return hr, lr
+
+
+class TrainSet:
+    """HR/LR training images held in memory as uint8, and the random aligned patches drawn from them.
+
+    `hr[i]` is (H, W, 3) uint8 mod-cropped to `scale`; `lr[i]` is (H/s, W/s, 3) uint8, made with MATLAB
+    bicubic (`make_lr`) or read from `lr_folders` (matched by file stem, `name` or `namex{s}`).
+    An unreadable image raises ImageError, or with `skip_bad` is skipped and counted in `skipped`.
+    """
+
+    def __init__(
+        self,
+        folders: Sequence[str | Path],
+        scale: int,
+        skip_bad: bool = False,
+        lr_folders: Sequence[str | Path] | None = None,
+    ) -> None:
+        self.scale = scale
+        self.hr: list[np.ndarray] = []
+        self.lr: list[np.ndarray] = []
+        self.names: list[str] = []
+        self.skipped = 0
+        lr_index = _lr_index(lr_folders, scale) if lr_folders is not None else None
+        paths = list_images(folders)
+        for path in tqdm(paths, desc=f"loading x{scale} training images", unit="img", leave=False):
+            try:
+                hr, lr = _load_pair(path, scale, lr_index)
+            except ImageError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipping %s", e)
+                self.skipped += 1
+                continue
+            self.hr.append(hr)
+            self.lr.append(lr)
+            self.names.append(str(path))
+        if not self.hr:
+            raise ValueError(f"no readable training images under {', '.join(map(str, folders))}")
+        log.info("loaded %d training images (%d skipped)", len(self.hr), self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.hr)
+
+    def position_counts(self, lr_patch: int) -> np.ndarray:
+        """(len,) int64: number of valid LR crop origins per image (0 for images smaller than the patch)."""
+        h = np.array([im.shape[0] for im in self.lr], dtype=np.int64) - lr_patch + 1
+        w = np.array([im.shape[1] for im in self.lr], dtype=np.int64) - lr_patch + 1
+        return np.clip(h, 0, None) * np.clip(w, 0, None)
+
+    def too_small(self, lr_patch: int) -> int:
+        """How many images are smaller than an LR patch of `lr_patch` (HR patch lr_patch * scale)."""
+        return int((self.position_counts(lr_patch) == 0).sum())
+
+    def random_positions(self, n: int, lr_patch: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, 3) int64 rows (image index, y, x) of LR crop origins, uniform over all possible patches.
+
+        An image is picked with probability proportional to its number of valid origins; images smaller
+        than the patch are never picked.
+        """
+        counts = self.position_counts(lr_patch)
+        total = int(counts.sum())
+        if total == 0:
+            raise ValueError(f"every training image is smaller than the LR patch {lr_patch}")
+        ends = np.cumsum(counts)
+        flat = rng.integers(0, total, size=n, dtype=np.int64)
+        img = np.searchsorted(ends, flat, side="right")
+        offset = flat - (ends[img] - counts[img])
+        widths = np.array([im.shape[1] for im in self.lr], dtype=np.int64)[img] - lr_patch + 1
+        return np.stack([img, offset // widths, offset % widths], axis=1).astype(np.int64)
+
+    def crops(self, positions: np.ndarray, lr_patch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Aligned patches at `positions` ((n, 3) rows of image, y, x as from `random_positions`).
+
+        Returns LR (n, 3, p, p) and HR (n, 3, p*s, p*s) float32 in [0, 1], HR origin = LR origin * s.
+        """
+        p, s = lr_patch, self.scale
+        lr = np.empty((len(positions), 3, p, p), dtype=np.float32)
+        hr = np.empty((len(positions), 3, p * s, p * s), dtype=np.float32)
+        for j, (i, y, x) in enumerate(np.asarray(positions, dtype=np.int64)):
+            lr[j] = self.lr[i][y : y + p, x : x + p].transpose(2, 0, 1)
+            hr[j] = self.hr[i][y * s : (y + p) * s, x * s : (x + p) * s].transpose(2, 0, 1)
+        lr /= 255.0
+        hr /= 255.0
+        return lr, hr
+
+
+def augment(lr: np.ndarray, hr: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random horizontal flip, vertical flip and transpose (each p = 0.5; together the 8 flips/90-degree
+    rotations), independent per sample, identical within each LR/HR pair.
+
+    lr (n, C, p, p), hr (n, C, P, P) float arrays -> new arrays of the same shapes and dtypes.
+    """
+    if lr.shape[0] != hr.shape[0]:
+        raise ValueError(f"batch sizes differ: LR {lr.shape[0]}, HR {hr.shape[0]}")
+    flags = rng.random((lr.shape[0], 3)) < 0.5
+    out_lr, out_hr = np.empty_like(lr), np.empty_like(hr)
+    for j, (hflip, vflip, rot) in enumerate(flags):
+        a, b = lr[j], hr[j]
+        if hflip:
+            a, b = a[:, :, ::-1], b[:, :, ::-1]
+        if vflip:
+            a, b = a[:, ::-1, :], b[:, ::-1, :]
+        if rot:
+            a, b = a.transpose(0, 2, 1), b.transpose(0, 2, 1)
+        out_lr[j], out_hr[j] = a, b
+    return out_lr, out_hr
+
+
+def load_pairs(folder: str | Path, scale: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Validation pairs of a set folder: [(name, LR (h, w, 3) uint8, HR (h*s, w*s, 3) uint8)], sorted.
+
+    HR is read from `folder/HR` when it exists (else `folder`), mod-cropped; LR is `make_lr(HR)`.
+    Grayscale images come out as 3 identical channels.
+    """
+    folder = Path(folder)
+    hr_dir = folder / "HR" if (folder / "HR").is_dir() else folder
+    pairs = []
+    for path in list_images([hr_dir]):
+        hr, lr = _load_pair(path, scale, None)
+        pairs.append((path.stem, lr, hr))
+    return pairs

@@ -1,0 +1,260 @@
+"""The training loop of the balanced supernet: one readable function, `train(cfg)`.
+
+Each step draws a batch of LR/HR patches (uniform, then class-balanced by HES), trains the full supernet on it
+and, on the same batch, every patch through the subnet its class routes to (METHOD.md section 4), with
+BDLoss or L1. Multi-process through torchrun: every rank draws its own batches, gradients are averaged by
+DistributedDataParallel, rank 0 validates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from wbsr_runtime.routing import eq15_map
+
+from . import descriptor
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ModelConfig, SubnetSpec, model_config_from_dict, preset, to_dict
+from .data import TrainSet, augment, load_pairs
+from .loss import make_loss, optimizer_groups
+from .model import build_supernet, count_flops, subnet_specs
+from .sampler import HESSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str
+    scale: int
+    data: tuple[str, ...]
+    out: str
+    val: str | None = None
+    iters: int = 20000
+    batch: int = 16
+    patch: int = 32  # LR patch side; HR crops are patch * scale (32 is also the routing class patch)
+    lr: float = 2e-4
+    lr_min: float = 1e-7
+    loss: str = "bd"  # "bd" (Balanced Diversity Loss) or "l1"
+    sampler: str = "hes"  # "hes" or "uniform"
+    schedule: str = "routed"  # "routed" (METHOD.md 4) or "random" (ARM-style: one random subnet per step)
+    delta: float = 0.85
+    switch: float = 0.7  # fraction of training after which HES draws class-balanced batches
+    num_classes: int = 10
+    pool: int = 20000  # patches scored for the thresholds and the HES pool
+    sigma_init: float = 0.05
+    sigma_lr: float = 0.0  # METHOD.md's learned sigma (1e-2) collapses to 0: see loss.BalancedL1
+    weight_decay: float = 0.0
+    val_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    skip_bad: bool = False
+
+    def validate(self) -> None:
+        preset(self.preset, self.scale)  # raises on unknown preset or scale
+        for name, value, allowed in [("loss", self.loss, ("bd", "l1")), ("sampler", self.sampler, ("hes", "uniform")),
+                                     ("schedule", self.schedule, ("routed", "random"))]:
+            if value not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.iters < 1 or self.batch < 1 or self.patch < 3:
+            raise ValueError("--iters and --batch must be positive and --patch at least 3")
+
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("out", "val_every", "log_every", "skip_bad")
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(RESUMABLE_CHANGES))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+class SupernetStep(nn.Module):
+    """One training forward: the full supernet on the batch, and each patch through its routed subnet.
+
+    Wrapping both passes in one module lets DistributedDataParallel see a single forward per step.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, lr: torch.Tensor, groups: list[tuple[SubnetSpec, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        full = self.net(lr)
+        routed = torch.empty_like(full)
+        for spec, idx in groups:
+            routed[idx] = self.net(lr[idx], spec)
+        return full, routed
+
+
+def build_pool(data: TrainSet, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Score `cfg.pool` uniformly drawn LR patches: positions (N, 3), classes (N,) in 1..K, thresholds (K-1,)."""
+    rng = np.random.default_rng([cfg.seed, 1])  # a stream of its own: the pool is the same on every rank/resume
+    positions = data.random_positions(cfg.pool, cfg.patch, rng)
+    scores = torch.cat([
+        descriptor.patch_scores(torch.from_numpy(data.crops(positions[i:i + 2048], cfg.patch)[0]))
+        for i in range(0, len(positions), 2048)
+    ])
+    thresholds = descriptor.thresholds_from_pool(scores, cfg.num_classes)
+    return positions, descriptor.classify(scores, thresholds).numpy(), thresholds
+
+
+def route_groups(classes: np.ndarray, specs: list[SubnetSpec], class_map: np.ndarray,
+                 schedule: str, rng: np.random.Generator) -> list[tuple[SubnetSpec, torch.Tensor]]:
+    """Which batch rows go through which subnet this step."""
+    if schedule == "random":
+        return [(specs[rng.integers(len(specs))], torch.arange(len(classes)))]
+    subnet = class_map[classes - 1]
+    return [(specs[m], torch.from_numpy(np.flatnonzero(subnet == m))) for m in np.unique(subnet)]
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train a balanced supernet and write its checkpoint to `cfg.out`; returns the last metrics."""
+    cfg.validate()
+    rank, world = _init_distributed()
+    mcfg = preset(cfg.preset, cfg.scale)
+    ckpt = _resume_state(cfg, mcfg) if resume else None
+    torch.manual_seed(cfg.seed)
+    net = build_supernet(mcfg)
+    loss_fn = make_loss(cfg.loss, cfg.sigma_init)
+    specs = subnet_specs(mcfg)
+    data = TrainSet(cfg.data, cfg.scale, skip_bad=cfg.skip_bad)
+    val = load_pairs(cfg.val, cfg.scale) if cfg.val and rank == 0 else []
+    positions, classes, thresholds = build_pool(data, cfg)
+    sampler = HESSampler(positions, classes, cfg.num_classes, cfg.delta,
+                         switch=cfg.switch if cfg.sampler == "hes" else 1.0)
+    class_map = eq15_map(cfg.num_classes, len(specs))
+
+    step_module = SupernetStep(net)
+    model = torch.nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
+    opt = torch.optim.Adam(optimizer_groups(net, loss_fn, cfg.lr, cfg.sigma_lr, cfg.weight_decay), betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=cfg.lr_min)
+    rng = np.random.default_rng([cfg.seed, 2, rank])
+    start, metrics = 0, {}
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        loss_fn.load_state_dict(ckpt["state"]["loss"])
+        opt.load_state_dict(ckpt["state"]["optimizer"])
+        sched.load_state_dict(ckpt["state"]["scheduler"])
+        rng.bit_generator.state = json.loads(ckpt["state"]["rng"][rank])
+        start, metrics = ckpt["state"]["step"], ckpt["metrics"]
+
+    def save(step: int) -> None:
+        rng_states = _gather_rng(rng, world)  # a collective: every rank takes part
+        if rank == 0:
+            save_checkpoint(cfg.out, _checkpoint(cfg, mcfg, net, specs, thresholds, loss_fn, opt, sched,
+                                                 step, rng_states, metrics))
+
+    log_path = Path(cfg.out).with_suffix(".jsonl")
+    if rank == 0 and ckpt is None:
+        log_path.unlink(missing_ok=True)
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=rank != 0, desc="train")
+    t0 = time.time()
+    for step in bar:
+        idx = sampler.draw(cfg.batch, step / cfg.iters, rng)
+        lr_np, hr_np = augment(*data.crops(positions[idx], cfg.patch), rng)
+        lr_t, hr_t = torch.from_numpy(lr_np), torch.from_numpy(hr_np)
+        full, routed = model(lr_t, route_groups(classes[idx], specs, class_map, cfg.schedule, rng))
+        loss_full, loss_routed = loss_fn(full, hr_t), loss_fn(routed, hr_t)
+        opt.zero_grad(set_to_none=True)
+        (loss_full + loss_routed).backward()
+        opt.step()
+        sched.step()
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.iters):
+            record = {"step": done, "loss_full": loss_full.item(), "loss_routed": loss_routed.item(),
+                      "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+            record.update({"sigma": float(loss_fn.sigma.detach().abs())} if cfg.loss == "bd" else {})
+            _append_jsonl(log_path, record)
+            bar.set_postfix(loss=f"{record['loss_full']:.4g}")
+        if val and (done % cfg.val_every == 0 or done == cfg.iters):
+            metrics = {"step": done, **_validate(net, val, cfg.scale)}
+            _append_jsonl(log_path, metrics)
+            log.info("step %d: %s", done, metrics)
+        if done % cfg.val_every == 0 or done == cfg.iters:
+            save(done)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def _validate(net: nn.Module, val: list, scale: int) -> dict[str, float]:
+    from .evaluate import psnr_y, upscale_whole
+
+    psnrs = [psnr_y(upscale_whole(net, lr, None), hr, scale) for _, lr, hr in val]
+    return {"val_psnr_y_full": float(np.mean(psnrs))}
+
+
+def _checkpoint(cfg, mcfg, net, specs, thresholds, loss_fn, opt, sched, step, rng_states, metrics) -> dict:
+    return {
+        "model_config": to_dict(mcfg),
+        "train_config": to_dict(cfg),
+        "model": net.state_dict(),
+        "specs": [list(s) for s in specs],
+        "flops": [count_flops(mcfg, s) for s in specs],
+        "num_classes": cfg.num_classes,
+        "thresholds": [float(t) for t in thresholds],
+        "calibration": None,
+        "state": {"step": step, "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
+                  "scheduler": sched.state_dict(), "rng": rng_states},
+        "metrics": metrics,
+    }
+
+
+def _resume_state(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any] | None:
+    if not Path(cfg.out).exists():
+        raise CheckpointError(f"{cfg.out}: nothing to resume (no checkpoint there)")
+    ckpt = load_checkpoint(cfg.out)
+    if ckpt.get("state") is None:
+        raise CheckpointError(f"{cfg.out}: checkpoint has no training state to resume from")
+    diff = config_diff(ckpt["train_config"], to_dict(cfg))
+    if diff:
+        raise CheckpointError(f"{cfg.out}: cannot resume with a different config ({'; '.join(diff)})")
+    if model_config_from_dict(ckpt["model_config"]) != mcfg:
+        raise CheckpointError(f"{cfg.out}: the checkpoint's model differs from preset {cfg.preset!r}")
+    return ckpt
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return torch.distributed.get_rank(), world
+
+
+def _gather_rng(rng: np.random.Generator, world: int) -> list[str]:
+    state = json.dumps(rng.bit_generator.state)
+    if world == 1:
+        return [state]
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def config_from_args(**kwargs: Any) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in kwargs.items() if k in fields and v is not None})
+    cfg.validate()
+    return cfg
+
