@@ -87,12 +87,14 @@ def box_grid(height: int, width: int, patch: int, step: int) -> np.ndarray:
 
 def reference_scores(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Training-code scores (descriptor.patch_scores) of the cropped boxes; frame (1, 3, H, W) float32."""
-    t = torch.from_numpy(np.ascontiguousarray(frame))
-    patches = [t[0, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes.tolist()]
-    # Equal-size boxes batch in one call; mixed sizes are scored one by one.
-    if len({p.shape for p in patches}) == 1:
-        return patch_scores(torch.stack(patches)).numpy()
-    return np.array([patch_scores(p[None]).item() for p in patches], dtype=np.float32)
+    t = torch.from_numpy(np.array(frame, dtype=np.float32))  # a copy: the frame may be read-only
+    scores = np.zeros(len(boxes), dtype=np.float32)
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    for size in np.unique(sizes, axis=0):  # boxes of one size are scored in one batch
+        idx = np.flatnonzero((sizes == size).all(1))
+        patches = [t[0, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes[idx].tolist()]
+        scores[idx] = patch_scores(torch.stack(patches)).numpy()
+    return scores
 
 
 def router_parity(
