@@ -159,3 +159,22 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     ckpt = load_checkpoint(out)
     assert ckpt["state"]["step"] == 2 and len(ckpt["state"]["rng"]) == 2  # both ranks' streams saved
     assert ckpt["state"]["rng"][0] != ckpt["state"]["rng"][1]  # each rank draws its own batches
+
+
+def test_plain_trains_the_full_network_alone(tmp_path: Path) -> None:
+    out = tmp_path / "plain.pt"
+    train(TrainConfig(**{**TINY, "iters": 2, "val_every": 2}, out=str(out), plain=True, loss="l1", sampler="uniform"))
+    ckpt = load_checkpoint(out)
+    assert ckpt["specs"] == [[32, 8]] and ckpt["model_config"]["widths"] == [32]
+    assert all(routed == 0 for _, routed in losses(out))  # no second pass through the same network
+    from wbsr_train.config import preset
+    from wbsr_train.model import build_supernet
+
+    build_supernet(preset("srresnet-compact", 4)).load_state_dict(ckpt["model"])  # same names and shapes
+
+
+def test_config_diff_takes_defaults_for_fields_added_later() -> None:
+    new = train_mod.to_dict(TrainConfig(**TINY, out="x.pt"))
+    old = {k: v for k, v in new.items() if k != "plain"}  # a checkpoint saved before `plain` existed
+    assert train_mod.config_diff(old, new) == []
+    assert train_mod.config_diff(old, {**new, "plain": True}) == ["plain: False -> True"]

@@ -23,6 +23,7 @@ import numpy as np
 from wbsr_runtime.manifest import BundleError
 from wbsr_runtime.media import IMAGE_EXTS, MediaError, read_image, upscale_image, write_image
 
+DEFAULT_MAX_PIXELS = 16384 * 16384  # as wbsr_runtime.upscaler.DEFAULT_MAX_PIXELS, without importing it
 VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm")  # as wbsr_runtime.video.VIDEO_EXTS, without PyAV
 _EXPECTED = (MediaError, BundleError, OSError, ValueError)
 
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, metavar="P", help="LR tile core size (default: the bundle's)")
     p.add_argument("--overlap", type=int, metavar="O", help="LR context per side (default: the bundle's)")
     p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help=f"refuse images and video frames of more than N LR pixels (default {DEFAULT_MAX_PIXELS})",
+    )
     p.add_argument("--routing-map", type=Path, metavar="PNG", help="draw the subnet chosen per tile")
     p.add_argument("--stats", type=Path, metavar="JSON", help="write the upscaler's stats as JSON")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -71,7 +78,7 @@ def _make_upscaler(args: argparse.Namespace) -> Any:
 
     kw = {
         k: getattr(args, k)
-        for k in ("tolerance", "budget", "patch", "overlap")
+        for k in ("tolerance", "budget", "patch", "overlap", "max_pixels")
         if getattr(args, k) is not None
     }
     if args.bundle is None:
@@ -143,7 +150,7 @@ def _process(src: Path, dst: Path, upscaler: Any, map_path: Path | None) -> str:
         r = upscale_video(src, dst, upscaler, progress=sys.stderr.isatty())
         audio = ", audio copied" if r.audio else ""
         return f"{dst} ({r.frames} frames, {r.width}x{r.height} at {float(r.fps or 0):.3f} fps{audio})"
-    sr = upscale_image(read_image(src), upscaler)
+    sr = upscale_image(read_image(src, getattr(upscaler, "max_pixels", None)), upscaler)
     write_image(dst, sr)
     if map_path is not None:
         _routing_map(upscaler, sr.rgb, map_path)

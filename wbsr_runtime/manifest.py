@@ -135,7 +135,7 @@ def read_manifest_dict(bundle_dir: str | Path) -> dict[str, Any]:
     if version > SCHEMA_VERSION:
         raise BundleError(
             f"{path}: bundle schema version {version} is newer than supported ({SCHEMA_VERSION}); "
-            "upgrade wbsr-deploy or re-export the bundle with this version"
+            f"upgrade wbsr-deploy, or {REBUILD} using this version"
         )
     return data
 

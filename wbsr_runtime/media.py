@@ -132,19 +132,24 @@ def _to_arrays(
     return colour, alpha, colour.shape[-1] == 1
 
 
-def read_image(path: str | os.PathLike) -> Image:
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
     """Read an image file; any failure (missing, empty, truncated, unsupported, decompression bomb) raises
-    `MediaError` with a one-line message naming the file. Images over `PIL.Image.MAX_IMAGE_PIXELS` are
-    refused."""
+    `MediaError` with a one-line message naming the file. Images over `PIL.Image.MAX_IMAGE_PIXELS`, or over
+    `max_pixels` when given, are refused from their header, before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
-        raise MediaError(f"{path}: no such file")
+        raise MediaError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             with PILImage.open(path) as im:
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise MediaError(
+                        f"{path}: refused, {im.width}x{im.height} = {im.width * im.height} pixels exceeds "
+                        f"the limit of {max_pixels} (--max-pixels)"
+                    )
                 wide = _wide_rawmode(im)  # before load(), which clears im.tile
                 im.load()
                 orientation = int(im.getexif().get(0x0112, 1) or 1)

@@ -57,18 +57,20 @@ def run_tiles(
     tile_subnets: np.ndarray,
     scale: int,
     chunk: int | None = None,
+    dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, ScheduleTimes]:
     """Upscale every tile of `plan` with its subnet and stitch.
 
     padded: `pad_frame(frame, plan)`, (3, Hp, Wp) float32 in [0, 1]; tile_subnets: (n,) int subnet per tile.
-    Returns the stitched (3, H*s, W*s) float32 frame (not clamped) and the time spent.
+    Returns the stitched (3, H*s, W*s) float32 frame (not clamped), or with `dtype` the final (H*s, W*s, 3)
+    image of that dtype, converted tile by tile (`tiling.Stitcher`); and the time spent.
     """
     if len(tile_subnets) != plan.num_tiles:
         raise ValueError(f"{len(tile_subnets)} subnet indices for {plan.num_tiles} tiles")
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     for job in make_chunks(np.asarray(tile_subnets), chunk_size(runners, chunk)):
         jobs.put(job)
-    stitcher = Stitcher(plan, scale)
+    stitcher = Stitcher(plan, scale, dtype=dtype)
     stop = threading.Event()
     times = [ScheduleTimes() for _ in runners]
 

@@ -162,18 +162,33 @@ def route_boxes(plan: TilePlan, min_size: int = 3) -> np.ndarray:
     return b
 
 
-class Stitcher:
-    """Accumulates tile outputs `(n, C, T*s, T*s)` in any order, chunk by chunk, into `(C, H*s, W*s)` float32.
+def to_hwc(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`(..., C, H, W)` float32 (any range) -> `(..., H, W, C)` `dtype`, clamped to [0, 1] (integers: scaled
+    to the dtype's maximum and rounded)."""
+    x = np.moveaxis(np.clip(x, 0.0, 1.0), -3, -1)
+    if np.issubdtype(dtype, np.integer):
+        return np.rint(x * np.float32(np.iinfo(dtype).max)).astype(dtype)
+    return np.ascontiguousarray(x, dtype=dtype)
 
-    Crop mode writes each tile's owned region straight into the output (no extra memory). Blend mode keeps a
+
+class Stitcher:
+    """Accumulates tile outputs `(n, C, T*s, T*s)` in any order, chunk by chunk, into `(C, H*s, W*s)` float32,
+    or, with `dtype`, into the final `(H*s, W*s, C)` image of that dtype (see `to_hwc`).
+
+    Crop mode writes each tile's owned region straight into the output: with `dtype` each chunk is converted as
+    it arrives, so the output image is the only frame-sized buffer (memory is streamed). Blend mode keeps a
     float64 sum (so averaging identical values is exact) and divides by the per-pixel tile count at the end.
     `add` is thread-safe.
     """
 
-    def __init__(self, plan: TilePlan, scale: int, channels: int = 3) -> None:
+    def __init__(self, plan: TilePlan, scale: int, channels: int = 3, dtype: np.dtype | None = None) -> None:
         self.plan, self.scale = plan, scale
+        self._dtype = None if dtype is None else np.dtype(dtype)
         shape = (channels, plan.height * scale, plan.width * scale)
-        self._out = np.zeros(shape, dtype=np.float64 if plan.blend else np.float32)
+        if plan.blend or self._dtype is None:
+            self._out = np.zeros(shape, dtype=np.float64 if plan.blend else np.float32)
+        else:  # every pixel is owned by exactly one tile, so no initialisation is needed
+            self._out = np.empty((*shape[1:], channels), dtype=self._dtype)
         self._count = np.zeros(shape[1:], dtype=np.float32) if plan.blend else None
         self._lock = threading.Lock()
         self._done = 0
@@ -183,28 +198,35 @@ class Stitcher:
         s, t = self.scale, self.plan.tile * self.scale
         if outputs.ndim != 4 or outputs.shape[0] != len(indices) or outputs.shape[2:] != (t, t):
             raise ValueError(f"outputs {outputs.shape} do not match {len(indices)} tiles of {t}x{t}")
+        hwc = self._count is None and self._dtype is not None
+        if hwc:
+            outputs = to_hwc(outputs, self._dtype)  # (n, T*s, T*s, C), converted outside the lock
         top, _, left, _ = self.plan.pad
         with self._lock:
             for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
                 y0, x0, y1, x1 = self.plan.owned[i]
                 oy = y0 - (self.plan.origins[i, 0] - top)  # owned start inside the tile, LR pixels
                 ox = x0 - (self.plan.origins[i, 1] - left)
-                src = outputs[j, :, oy * s : (oy + y1 - y0) * s, ox * s : (ox + x1 - x0) * s]
-                dst = (slice(None), slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
-                if self._count is None:
-                    self._out[dst] = src
+                rows, cols = slice(oy * s, (oy + y1 - y0) * s), slice(ox * s, (ox + x1 - x0) * s)
+                dst = (slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
+                if hwc:
+                    self._out[dst] = outputs[j, rows, cols]
+                elif self._count is None:
+                    self._out[(slice(None), *dst)] = outputs[j, :, rows, cols]
                 else:
-                    self._out[dst] += src
-                    self._count[dst[1:]] += 1
+                    self._out[(slice(None), *dst)] += outputs[j, :, rows, cols]
+                    self._count[dst] += 1
             self._done += len(indices)
 
     def result(self) -> np.ndarray:
-        """The stitched `(C, H*s, W*s)` float32 frame; every tile must have been added."""
+        """The stitched `(C, H*s, W*s)` float32 frame, or with `dtype` the `(H*s, W*s, C)` image; every tile
+        must have been added."""
         if self._done < self.plan.num_tiles:
             raise RuntimeError(f"only {self._done} of {self.plan.num_tiles} tiles were added")
         if self._count is None:
             return self._out
-        return (self._out / self._count).astype(np.float32)
+        out = (self._out / self._count).astype(np.float32)
+        return out if self._dtype is None else to_hwc(out, self._dtype)
 
 
 def stitch_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from . import routing
 from .backends import open_runners
 from .manifest import BundleError, Manifest, load_manifest
 from .scheduler import run_tiles
-from .tiling import pad_frame, plan_tiles, route_boxes
+from .tiling import pad_frame, plan_tiles, route_boxes, to_hwc
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +114,27 @@ def class_map(manifest: Manifest, tolerance: float | None, budget: float | None)
 
 
 def to_chw(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> (3, H, W) float32 in [0, 1] (floats clipped)."""
+    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> (3, H, W) float32 in [0, 1] (floats clipped).
+
+    Converted one channel at a time into the result, so no other frame-sized float buffer is made."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    if image.dtype == np.uint8 or image.dtype == np.uint16:
-        x = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
-    elif np.issubdtype(image.dtype, np.floating):
-        x = np.clip(image, 0.0, 1.0).astype(np.float32)
-    else:
+    integer = image.dtype == np.uint8 or image.dtype == np.uint16
+    if not integer and not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    x = np.empty((3, image.shape[0], image.shape[1]), dtype=np.float32)
+    for c in range(3):
+        x[c] = image[..., c]
+    if integer:
+        np.divide(x, np.float32(np.iinfo(image.dtype).max), out=x)
+    else:
+        np.clip(x, 0.0, 1.0, out=x)
+    return x
 
 
 def from_chw(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(3, H, W) float32 (any range) -> (H, W, 3) `dtype`, clamped to [0, 1] (integers: scaled, rounded)."""
-    x = np.clip(x, 0.0, 1.0).transpose(1, 2, 0)
-    if np.issubdtype(dtype, np.integer):
-        return np.rint(x * np.float32(np.iinfo(dtype).max)).astype(dtype)
-    return np.ascontiguousarray(x, dtype=dtype)
+    return to_hwc(x, dtype)
 
 
 class Upscaler:
@@ -208,8 +211,11 @@ class Upscaler:
         with self._lock:
             t0 = time.perf_counter()
             x = to_chw(image)
-            out, stats = self._whole(x) if self.mode == "whole" else self._tiled(x)
-            sr = from_chw(out, image.dtype)
+            if self.mode == "whole":
+                out, stats = self._whole(x)
+                sr = from_chw(out, image.dtype)
+            else:
+                sr, stats = self._tiled(x, image.dtype)  # stitched straight into the output dtype
             stats.total_s = time.perf_counter() - t0
             self.last_stats = stats
         log.debug("upscaled %dx%d: %s", image.shape[1], image.shape[0], stats)
@@ -246,8 +252,10 @@ class Upscaler:
         stats.subnets_s = time.perf_counter() - t0
         return out, stats
 
-    def _tiled(self, x: np.ndarray) -> tuple[np.ndarray, UpscaleStats]:
-        """Tiles of `patch` + `overlap` context; each tile's subnet from the router (dynamic) or the full."""
+    def _tiled(self, x: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, UpscaleStats]:
+        """Tiles of `patch` + `overlap` context; each tile's subnet from the router (dynamic) or the full.
+        Returns the (H*s, W*s, 3) image of `dtype`, converted tile by tile (memory: x, the output, and one
+        chunk of tiles per worker)."""
         t0 = time.perf_counter()
         plan = plan_tiles(x.shape[1], x.shape[2], self.patch, self.overlap)
         padded = pad_frame(x, plan)
@@ -258,7 +266,7 @@ class Upscaler:
         else:
             tile_subnets = np.full(plan.num_tiles, self.full, dtype=np.int64)
         t2 = time.perf_counter()
-        out, times = run_tiles(self.runners, plan, padded, tile_subnets, self.scale, self.chunk)
+        out, times = run_tiles(self.runners, plan, padded, tile_subnets, self.scale, self.chunk, dtype)
         counts = np.bincount(tile_subnets, minlength=len(self.manifest.subnets))
         fpp = np.array([self._flops_per_pixel(m) for m in range(len(counts))])
         stats = self._stats(

@@ -112,8 +112,8 @@ def _encode(out: Any, ostream: Any, oaudio: Any, in_q: queue.Queue, stop: thread
 
 
 def _open_input(av: Any, src: Path) -> tuple[Any, Any, Any]:
-    if not src.is_file():
-        raise MediaError(f"{src}: no such file")
+    if not src.is_file():  # a FIFO or device would block the demuxer
+        raise MediaError(f"{src}: {'not a regular file' if src.exists() else 'no such file'}")
     try:
         inp = av.open(str(src))
     except Exception as e:
@@ -183,6 +183,10 @@ def upscale_video(
     }
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     inp, vstream, astream = _open_input(av, src)
+    w, h, limit = vstream.codec_context.width, vstream.codec_context.height, getattr(upscaler, "max_pixels", None)
+    if limit is not None and w * h > limit:
+        inp.close()
+        raise MediaError(f"{src}: refused, {w}x{h} = {w * h} pixels per frame exceeds the limit of {limit}")
     out = None
     try:
         out, ostream, oaudio = _open_output(

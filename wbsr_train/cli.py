@@ -41,6 +41,8 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", choices=["bd", "l1"])
     p.add_argument("--sampler", choices=["hes", "uniform"])
     p.add_argument("--schedule", choices=["routed", "random"])
+    p.add_argument("--plain", action="store_true", default=None,
+                   help="train the full network alone, no subnets (the ablation baseline)")
     p.add_argument("--delta", type=float)
     p.add_argument("--sigma-init", type=float, help="BDLoss noise std (default 0.05)")
     p.add_argument("--sigma-lr", type=float, help="learning rate of sigma (default 0: fixed)")

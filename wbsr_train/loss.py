@@ -87,7 +87,7 @@ def optimizer_groups(
     """Param groups for torch.optim: the model at `lr` with `weight_decay` (the paper's lambda), the loss's
     own parameters (BDLoss's sigma) at `lr_sigma` without decay. The L1 loss adds no group."""
     groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay}]
-    loss_params = list(loss.parameters())
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": lr_sigma, "weight_decay": 0.0})
     return groups

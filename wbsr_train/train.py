@@ -50,6 +50,7 @@ class TrainConfig:
     loss: str = "bd"  # "bd" (Balanced Diversity Loss) or "l1"
     sampler: str = "hes"  # "hes" or "uniform"
     schedule: str = "routed"  # "routed" (METHOD.md 4) or "random" (ARM-style: one random subnet per step)
+    plain: bool = False  # train only the full network, no subnets (the ablation's baseline); ignores schedule
     delta: float = 0.85
     switch: float = 0.7  # fraction of training after which HES draws class-balanced batches
     num_classes: int = 10
@@ -77,6 +78,9 @@ RESUMABLE_CHANGES = ("out", "val_every", "log_every", "skip_bad")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    # A field added since `old` was saved counts as its default, so older checkpoints still resume.
+    old = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
+              if f.default is not dataclasses.MISSING}, **old}
     keys = sorted((set(old) | set(new)) - set(RESUMABLE_CHANGES))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -120,15 +124,22 @@ def route_groups(classes: np.ndarray, specs: list[SubnetSpec], class_map: np.nda
     return [(specs[m], torch.from_numpy(np.flatnonzero(subnet == m))) for m in np.unique(subnet)]
 
 
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset's supernet, or with `cfg.plain` its full network alone (one width, one depth: one subnet)."""
+    mcfg = preset(cfg.preset, cfg.scale)
+    return dataclasses.replace(mcfg, widths=(mcfg.channels,), depths=(mcfg.blocks,)) if cfg.plain else mcfg
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train a balanced supernet and write its checkpoint to `cfg.out`; returns the last metrics."""
     cfg.validate()
     rank, world = _init_distributed()
-    mcfg = preset(cfg.preset, cfg.scale)
+    mcfg = model_config(cfg)
     ckpt = _resume_state(cfg, mcfg) if resume else None
     torch.manual_seed(cfg.seed)
     net = build_supernet(mcfg)
     loss_fn = make_loss(cfg.loss, cfg.sigma_init)
+    loss_fn.requires_grad_(cfg.sigma_lr > 0)  # sigma is fixed unless it has a learning rate
     specs = subnet_specs(mcfg)
     data = TrainSet(cfg.data, cfg.scale, skip_bad=cfg.skip_bad)
     val = load_pairs(cfg.val, cfg.scale) if cfg.val and rank == 0 else []
@@ -166,8 +177,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         idx = sampler.draw(cfg.batch, step / cfg.iters, rng)
         lr_np, hr_np = augment(*data.crops(positions[idx], cfg.patch), rng)
         lr_t, hr_t = torch.from_numpy(lr_np), torch.from_numpy(hr_np)
-        full, routed = model(lr_t, route_groups(classes[idx], specs, class_map, cfg.schedule, rng))
-        loss_full, loss_routed = loss_fn(full, hr_t), loss_fn(routed, hr_t)
+        # A plain network has no subnets: routing would only run the full network a second time.
+        groups = [] if cfg.plain else route_groups(classes[idx], specs, class_map, cfg.schedule, rng)
+        full, routed = model(lr_t, groups)
+        loss_full = loss_fn(full, hr_t)
+        loss_routed = loss_fn(routed, hr_t) if groups else full.new_zeros(())
         opt.zero_grad(set_to_none=True)
         (loss_full + loss_routed).backward()
         opt.step()
@@ -223,7 +237,8 @@ def _resume_state(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any] | None:
     if diff:
         raise CheckpointError(f"{cfg.out}: cannot resume with a different config ({'; '.join(diff)})")
     if model_config_from_dict(ckpt["model_config"]) != mcfg:
-        raise CheckpointError(f"{cfg.out}: the checkpoint's model differs from preset {cfg.preset!r}")
+        raise CheckpointError(f"{cfg.out}: the checkpoint's model differs from preset {cfg.preset!r}"
+                              + (" (plain)" if cfg.plain else ""))
     return ckpt
 
 
