@@ -26,7 +26,7 @@ from PIL import ImageOps
 
 from tests.nearest_bundle import build_nearest_bundle
 from wbsr_runtime import cli
-from wbsr_runtime.media import _png16_bytes, read_image, upscale_alpha
+from wbsr_runtime.media import Image, _png16_bytes, read_image, upscale_alpha, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 2  # the bundle's scale
@@ -164,8 +164,11 @@ def image_ok(src: Path, out: Path) -> None:
     assert got.rgb.shape == (rgb.shape[0] * S, rgb.shape[1] * S, 3) and got.rgb.dtype == np.uint8
     if out.suffix.lower() in LOSSLESS_OUT:
         np.testing.assert_array_equal(got.rgb, nn(rgb))
-    else:
-        assert np.abs(got.rgb.astype(float) - nn(rgb)).mean() < 8.0
+    else:  # lossy: exactly what the writer makes of nearest upscaling (alpha and gray as in the output)
+        expected = out.with_name(f"expected{out.suffix}")
+        write_image(expected, Image(nn(rgb), got.alpha, got.gray))
+        np.testing.assert_array_equal(got.rgb, read_image(expected).rgb)
+        expected.unlink()
     if alpha is not None and out.suffix.lower() in (".png", ".tif", ".tiff"):
         np.testing.assert_array_equal(got.alpha, upscale_alpha(alpha, S))
 
@@ -222,7 +225,7 @@ def _odd_images() -> list[Case]:
         Case("tiny1x1.jpg", _write(_encode(_noise(1, 1), "JPEG")), image_ok),
         Case("tiny1x9.jpg", _write(_encode(_noise(1, 9), "JPEG")), image_ok),
         Case("tiny1x1.webp", _write(_encode(_noise(1, 1), "WEBP", lossless=True)), image_ok),
-        Case("tiny9x1.webp", _write(_encode(_noise(9, 1), "WEBP", lossless=True)), image_ok),
+        Case("tiny9x1.webp", _write(_encode(_smooth(9, 1), "WEBP", lossless=True)), image_ok),
         Case("tiny1x1.bmp", _write(_encode(_noise(1, 1), "BMP")), image_ok),
         Case("tiny1x5.tif", _write(_encode(_noise(1, 5), "TIFF")), image_ok),
     ]
@@ -368,7 +371,7 @@ def test_bad_input_fails_by_name_or_gives_a_correct_output(
     if code == 0:
         assert case.check is not None, f"{case.name} was accepted: {captured.out.strip()}"
         assert written == [cli._out_name(src)], "exactly the output, no temporary files"
-        assert not [line for line in err if "error" in line.lower()], err
+        assert all(str(src) in line and "error" not in line for line in err), err  # warnings: one line, named
         case.check(src, out / written[0])
     else:
         assert case.check is None or case.may_fail, f"{case.name} was refused: {err}"
@@ -395,9 +398,10 @@ def test_whole_corpus_in_one_subprocess_run(bundle: Path, tmp_path: Path) -> Non
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = r.stderr.splitlines()
-    failed = err[:-1]
+    failed = [line for line in err[:-1] if line.startswith("wbsr-run: error: ")]
     assert err[-1] == f"wbsr-run: error: {len(failed)} of {len(srcs) + 1} inputs failed"
-    assert all(line.startswith("wbsr-run: error: ") for line in failed), r.stderr
+    warned = [line for line in err[:-1] if line not in failed]  # e.g. corrupt EXIF: one line naming the file
+    assert all(any(f"{s}:" in line for s in srcs) for line in warned), warned
     written = {p.name for p in out.iterdir()}
     assert not [n for n in written if n.endswith(".tmp") or n.startswith(".")]
     named = [s for s in srcs if any(f"{s}:" in line for line in failed)]

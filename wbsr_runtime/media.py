@@ -142,7 +142,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: empty file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:  # e.g. corrupt EXIF: one log line, not two
+            warnings.simplefilter("always")
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             with PILImage.open(path) as im:
                 if max_pixels is not None and im.width * im.height > max_pixels:
@@ -161,6 +162,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
         raise MediaError(f"{path}: refused, too many pixels ({_one_line(e)})") from None
     except Exception as e:  # a decoder boundary: Pillow raises many types on corrupt data
         raise MediaError(f"{path}: cannot read image: {type(e).__name__}: {_one_line(e)}") from None
+    for w in caught:
+        log.warning("%s: %s", path, _one_line(w.message))
     colour, alpha = _orient(colour, orientation), None if alpha is None else _orient(alpha, orientation)
     rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else colour
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, icc)
