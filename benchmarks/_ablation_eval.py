@@ -101,6 +101,13 @@ def per_class(tile_psnr: np.ndarray, classes: list[np.ndarray], num_classes: int
              "psnr_y": float(tile_psnr[c == k].mean()) if (c == k).any() else None} for k in range(1, num_classes + 1)]
 
 
+def class_table(tile_psnr: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n, M) tile PSNRs of every subnet -> the (K, M) calibration table, by the rule of
+    `wbsr_train.calibrate.psnr_table` (class means; a class without tiles takes the mean of all tiles)."""
+    return np.array([tile_psnr[classes == k].mean(0) if (classes == k).any() else tile_psnr.mean(0)
+                     for k in range(1, num_classes + 1)])
+
+
 def arm_fit(scores: np.ndarray, tile_psnr: np.ndarray) -> np.ndarray:
     """ARM's edge-score -> PSNR predictor, one per subnet: a least-squares line, (M, 2) [slope, intercept]."""
     return np.array([np.polyfit(scores.astype(np.float64), tile_psnr[:, m], 1) for m in range(tile_psnr.shape[1])])

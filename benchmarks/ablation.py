@@ -117,9 +117,12 @@ def train_all(runs: list, jobs: int) -> dict[str, dict | None]:
         return {n: f.result() for n, f in zip(names, futures, strict=True)}
 
 
-def evaluate_run(ckpt_path: str, val: list, calib_pairs: list, calib: list, a, routing: bool) -> dict:
-    """Full subnet, dynamic at the default routing, per-class PSNR; with `routing`, every rule's curve."""
-    from wbsr_train.calibrate import calibrate
+def evaluate_run(ckpt_path: str, val: list, calib: list, a, routing: bool) -> dict:
+    """Full subnet, dynamic at the default routing, per-class PSNR; with `routing`, every rule's curve.
+
+    Calibration runs every subnet once on the --calib tiles; the table and the default map follow
+    wbsr_train.calibrate's rule, and the same tile PSNRs fit ARM's predictor."""
+    from wbsr_runtime.routing import tolerance_map
     from wbsr_train.checkpoint import load_checkpoint, supernet_from_checkpoint
     from wbsr_train.config import SubnetSpec
 
@@ -131,17 +134,17 @@ def evaluate_run(ckpt_path: str, val: list, calib_pairs: list, calib: list, a, r
     result: dict = {"checkpoint": ckpt_path, "specs": ckpt["specs"], "thresholds": ckpt["thresholds"]}
     rules: dict = {}
     if len(specs) > 1:
-        cal = calibrate(net, ckpt, calib_pairs, a.tolerance)
-        cmap = np.array(cal["class_to_subnet"])
+        only = {f"subnet {m}": [np.full(len(im.scores), m) for im in calib] for m in range(len(specs))}
+        scored = ev.score_assignments(net, specs, flops, SCALE, calib, only, tile_psnr_for=only)
+        tile_psnr = np.stack([scored[n]["tile_psnr"] for n in only], axis=1)
+        table = ev.class_table(tile_psnr, np.concatenate(ev.classify(calib, ckpt["thresholds"])), k_count)
+        cmap = tolerance_map(table, a.tolerance)
         assign["dynamic"] = [cmap[c - 1] for c in classes]
-        result["calibration"] = cal
+        result["calibration"] = {"psnr_table": table.tolist(), "tolerance_db": a.tolerance,
+                                 "class_to_subnet": cmap.tolist()}
         if routing:
-            only = {f"subnet {m}": [np.full(len(im.scores), m) for im in calib] for m in range(len(specs))}
-            tiles = ev.score_assignments(net, specs, flops, SCALE, calib, only, tile_psnr_for=only)
-            coef = ev.arm_fit(np.concatenate([im.scores for im in calib]),
-                              np.stack([tiles[n]["tile_psnr"] for n in only], axis=1))
-            rules = ev.routing_assignments(val, classes, np.array(cal["psnr_table"]), coef, flops, a.random_draws,
-                                           seed=0)
+            coef = ev.arm_fit(np.concatenate([im.scores for im in calib]), tile_psnr)
+            rules = ev.routing_assignments(val, classes, table, coef, flops, a.random_draws, seed=0)
             result["arm_fit"] = coef.tolist()
     everything = {**assign, **{n: r["assign"] for n, r in rules.items()}}
     scored = ev.score_assignments(net, specs, flops, SCALE, val, everything, ssim_for=("full", "dynamic"),
@@ -172,6 +175,7 @@ def write_json(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, path)
 
 
@@ -186,13 +190,12 @@ def study(a: argparse.Namespace) -> str:
     seconds = train_all(runs, a.jobs)
     train_s = time.time() - t0
     val_pairs = load_pairs(a.val, SCALE)
-    calib_pairs = load_pairs(a.calib or a.val, SCALE)
-    val, calib = ev.tile_images(val_pairs), ev.tile_images(calib_pairs)
+    val, calib = ev.tile_images(val_pairs), ev.tile_images(load_pairs(a.calib or a.val, SCALE))
     rows: dict[str, dict] = {}
     t1 = time.time()
     for row, seed, cfg in runs:
         log.info("evaluating %s seed %d", row, seed)
-        e = evaluate_run(cfg.out, val, calib_pairs, calib, a, routing=row == "wbsr")
+        e = evaluate_run(cfg.out, val, calib, a, routing=row == "wbsr")
         e["training_time"] = seconds.get(Path(cfg.out).stem)
         rows.setdefault(row, {"label": ROWS[row][0], "seeds": {}})["seeds"][seed] = e
     eval_s = time.time() - t1

@@ -67,8 +67,10 @@ def run(args: argparse.Namespace) -> list[str]:
 
     pairs = load_pairs(args.data, args.scale)[: args.limit]
     knob = {"budget": args.budget} if args.budget else {"tolerance": args.tolerance} if args.tolerance else {}
-    lines = ["| threads | tiles P/O | chunk | mode | time s | time x whole | FLOPs exec x whole | dPSNR vs whole dB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| threads | tiles P/O | chunk | mode | time s | time x whole | FLOPs exec x whole | dPSNR vs whole dB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for threads in args.threads:
         ups = {"whole": Upscaler(args.bundle, backend="ort", mode="whole", threads=threads)}
         for tiles in args.tiles:
@@ -85,9 +87,11 @@ def run(args: argparse.Namespace) -> list[str]:
             if k == "whole":
                 continue
             tiles, chunk, mode = k.split("|")
-            lines.append(f"| {threads} | {tiles} | {chunk} | {mode} | {a['time_s']:.3f} | "
-                         f"{a['time_s'] / w['time_s']:.2f} | {a['flops'] / w['flops']:.2f} | "
-                         f"{a['psnr'] - w['psnr']:+.3f} |")
+            lines.append(
+                f"| {threads} | {tiles} | {chunk} | {mode} | {a['time_s']:.3f} | "
+                f"{a['time_s'] / w['time_s']:.2f} | {a['flops'] / w['flops']:.2f} | "
+                f"{a['psnr'] - w['psnr']:+.3f} |"
+            )
         for up in ups.values():
             up.close()
     return lines

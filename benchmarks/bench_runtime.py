@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -63,8 +64,11 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     common = {k: v for k in ("patch", "overlap", "chunk") if (v := getattr(args, k)) is not None}
     if args.backend in ("ort", "auto") and args.threads:
         common["threads"] = args.threads
-    rows = [("full, whole frame", {"mode": "whole"}), ("full, tiled", {"mode": "full"}),
-            ("dynamic, bundle map", {"mode": "dynamic"})]
+    rows = [
+        ("full, whole frame", {"mode": "whole"}),
+        ("full, tiled", {"mode": "full"}),
+        ("dynamic, bundle map", {"mode": "dynamic"}),
+    ]
     if args.budgets:
         rows += [(f"dynamic, budget {b:g}", {"mode": "dynamic", "budget": b}) for b in args.budgets]
     else:
@@ -136,8 +140,12 @@ def _probe(frame: np.ndarray, bundle: Path, opts: dict[str, Any]) -> dict[str, A
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "frame.npy"
         np.save(path, frame)
-        done = subprocess.run([sys.executable, str(PROBE), str(path), str(bundle), json.dumps(opts)],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, str(PROBE), str(path), str(bundle), json.dumps(opts)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"memprobe failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -150,9 +158,13 @@ def _large(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]]) -> 
     img = read_image(args.large)
     h, w = args.large_height, args.large_width
     reps = (-(-h // img.shape[0]), -(-w // img.shape[1]))
-    frame = np.ascontiguousarray(np.pad(img, ((0, reps[0] * img.shape[0] - img.shape[0]),
-                                              (0, reps[1] * img.shape[1] - img.shape[1]), (0, 0)),
-                                        mode="symmetric")[:h, :w])
+    frame = np.ascontiguousarray(
+        np.pad(
+            img,
+            ((0, reps[0] * img.shape[0] - img.shape[0]), (0, reps[1] * img.shape[1] - img.shape[1]), (0, 0)),
+            mode="symmetric",
+        )[:h, :w]
+    )
     crops = {"full": frame, "quarter": np.ascontiguousarray(frame[: h // 2, : w // 2])}
     result: dict[str, Any] = {"image": str(args.large), "width": w, "height": h, "rows": []}
     for label, opts in rows:
@@ -173,8 +185,10 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, xlabel in ((axes[0], "flops_exec_pct", "FLOPs executed (% of full, whole frame)"),
-                            (axes[1], "time_s", "wall time (s, sum over images)")):
+    for ax, key, xlabel in (
+        (axes[0], "flops_exec_pct", "FLOPs executed (% of full, whole frame)"),
+        (axes[1], "time_s", "wall time (s, sum over images)"),
+    ):
         for r in rows:
             x = r[key] if r[key] is not None else 0.0
             ax.plot(x, r["psnr_y"], "o")
@@ -182,7 +196,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("Y-PSNR (dB)")
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 140), fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -197,28 +211,41 @@ def _fmt(v: float | None, spec: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: the command line, then one table row per method."""
     whole = next(r["time_s"] for r in report["rows"] if r["method"] == "full, whole frame")
-    lines = [f"`{report['command']}`", "",
-             f"{report['images']} images, x{report['scale']}, backend {report['backend']}, patch "
-             f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats", "",
-             "| method | Y-PSNR | SSIM | FLOPs paper % | FLOPs exec % | time s | x whole | "
-             "router / subnets / tiling / other % | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{report['command']}`",
+        "",
+        f"{report['images']} images, x{report['scale']}, backend {report['backend']}, patch "
+        f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats",
+        "",
+        "| method | Y-PSNR | SSIM | FLOPs paper % | FLOPs exec % | time s | x whole | "
+        "router / subnets / tiling / other % | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         sh = r.get("shares_pct")
         shares = "-" if sh is None else " / ".join(f"{sh[k]:.0f}" for k in ("router", "subnets", "tiling", "other"))
         mem = r.get("memory")
-        lines.append(f"| {r['method']} | {r['psnr_y']:.3f} | {r['ssim_y']:.4f} | {_fmt(r['flops_paper_pct'], '.1f')} "
-                     f"| {_fmt(r['flops_exec_pct'], '.1f')} | {r['time_s']:.2f} | {r['time_s'] / whole:.2f} | "
-                     f"{shares} | {_fmt(mem and mem['extra'] / MB, '.0f')} |")
+        lines.append(
+            f"| {r['method']} | {r['psnr_y']:.3f} | {r['ssim_y']:.4f} | {_fmt(r['flops_paper_pct'], '.1f')} "
+            f"| {_fmt(r['flops_exec_pct'], '.1f')} | {r['time_s']:.2f} | {r['time_s'] / whole:.2f} | "
+            f"{shares} | {_fmt(mem and mem['extra'] / MB, '.0f')} |"
+        )
     if report.get("large"):
         lg = report["large"]
-        lines += ["", f"Large frame {lg['width']}x{lg['height']} ({lg['image']}), extra memory = a + b x (input + "
-                  "output bytes), from the full frame and its quarter:", "",
-                  "| method | extra MB, quarter | extra MB, full | a (MB) | b |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Large frame {lg['width']}x{lg['height']} ({lg['image']}), extra memory = a + b x (input + "
+            "output bytes), from the full frame and its quarter:",
+            "",
+            "| method | extra MB, quarter | extra MB, full | a (MB) | b |",
+            "|---|---|---|---|---|",
+        ]
         for r in lg["rows"]:
             p = r["probes"]
-            lines.append(f"| {r['method']} | {p['quarter']['extra'] / MB:.0f} | {p['full']['extra'] / MB:.0f} | "
-                         f"{r['const_mb']:.0f} | {r['per_io_byte']:.2f} |")
+            lines.append(
+                f"| {r['method']} | {p['quarter']['extra'] / MB:.0f} | {p['full']['extra'] / MB:.0f} | "
+                f"{r['const_mb']:.0f} | {r['per_io_byte']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -243,17 +270,30 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 per_row[i].append({"name": name, **_scores(res.pop("output"), hr, args.scale), **res})
         backend, patch, overlap = ups[0].backend, ups[1].patch, ups[1].overlap
     report_rows = [_summarise("bicubic", per_row[0], None)]
-    report_rows += [_summarise(label, per_row[i + 1], flops_pp) | {"class_to_subnet": maps[i]}
-                    for i, (label, _) in enumerate(rows)]
+    report_rows += [
+        _summarise(label, per_row[i + 1], flops_pp) | {"class_to_subnet": maps[i]} for i, (label, _) in enumerate(rows)
+    ]
     biggest = max(pairs, key=lambda p: p[1].shape[0] * p[1].shape[1])
     for r, (_, kw) in zip(report_rows[1:], rows, strict=True):
         r["memory"] = _probe(biggest[1], args.bundle, kw) | {"image": biggest[0]}
     for r, results in zip(report_rows, per_row, strict=True):
         r["per_image"] = [{k: v for k, v in x.items() if k != "stats"} for x in results]
-    return {"command": command, "data": str(args.data), "images": len(pairs), "scale": args.scale,
-            "bundle": str(args.bundle), "backend": backend, "patch": patch, "overlap": overlap,
-            "threads": args.threads, "chunk": args.chunk, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-            "rows": report_rows, "large": _large(args, rows) if args.large else None}
+    return {
+        "command": command,
+        "data": str(args.data),
+        "images": len(pairs),
+        "scale": args.scale,
+        "bundle": str(args.bundle),
+        "backend": backend,
+        "patch": patch,
+        "overlap": overlap,
+        "threads": args.threads,
+        "chunk": args.chunk,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "rows": report_rows,
+        "large": _large(args, rows) if args.large else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

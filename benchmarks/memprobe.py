@@ -38,8 +38,18 @@ def main(argv: list[str]) -> int:
         out = up.upscale(frame)
         peak = _status_kb("VmHWM")
         total_s = up.last_stats.total_s
-    print(json.dumps({"base_rss": base, "peak_rss": peak, "extra": peak - base, "input_bytes": frame.nbytes,
-                      "output_bytes": out.nbytes, "total_s": total_s}))
+    print(
+        json.dumps(
+            {
+                "base_rss": base,
+                "peak_rss": peak,
+                "extra": peak - base,
+                "input_bytes": frame.nbytes,
+                "output_bytes": out.nbytes,
+                "total_s": total_s,
+            }
+        )
+    )
     return 0
 
 

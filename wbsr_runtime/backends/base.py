@@ -81,16 +81,28 @@ class Runner:
 
     def route(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """frame (1, 3, H, W) float32 in [0, 1], boxes (n, 4) int64 -> scores (n,) float32, classes (n,)
-        int64 in 1..K."""
+        int64 in 1..K.
+
+        The router is run once per band of rows `y0:y1` shared by boxes (a tile row of a plan): its float64
+        integral images are frame-sized, about 70 bytes per pixel, so a 4K frame in one call would need GBs.
+        """
         with self._lock:
             if self._router is None:
                 self._router = _cpu_session(self.manifest.path(self.manifest.router.file), threads=1)
-        frame = np.ascontiguousarray(frame, dtype=np.float32)
-        boxes = np.ascontiguousarray(boxes, dtype=np.int64)
+        boxes = np.asarray(boxes, dtype=np.int64)
+        scores, classes = np.empty(len(boxes), np.float32), np.empty(len(boxes), np.int64)
+        rows, group = np.unique(boxes[:, [0, 2]], axis=0, return_inverse=True)
+        for g, (y0, y1) in enumerate(rows):
+            sel = np.flatnonzero(group.ravel() == g)
+            band = np.ascontiguousarray(frame[:, :, y0:y1], dtype=np.float32)
+            scores[sel], classes[sel] = self._route_band(band, boxes[sel] - np.array([y0, 0, y0, 0]))
+        return scores, classes
+
+    def _route_band(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         names = self.manifest.router
         scores, classes = self._router.run(
             [names.outputs["scores"], names.outputs["classes"]],
-            {names.inputs["frame"]: frame, names.inputs["boxes"]: boxes},
+            {names.inputs["frame"]: frame, names.inputs["boxes"]: np.ascontiguousarray(boxes)},
         )
         return scores.astype(np.float32), classes.astype(np.int64)
 
