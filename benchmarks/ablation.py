@@ -37,7 +37,6 @@ import logging
 import os
 import shlex
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -47,6 +46,7 @@ import _ablation_eval as ev
 import _ablation_report as rep
 import numpy as np
 
+from wbsr_runtime.fileio import atomic_file
 from wbsr_train.calibrate import DEFAULT_TOLERANCE_DB
 
 PRESET, SCALE = "srresnet-compact", 4
@@ -172,11 +172,8 @@ def matched(evals: dict[int, dict]) -> tuple[dict[str, dict[str, list[float]]], 
 
 
 def write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path, "w") as f:
         json.dump(obj, f, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
 
 
 def study(a: argparse.Namespace) -> str:

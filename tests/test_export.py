@@ -23,8 +23,8 @@ from wbsr_export.cli import main  # noqa: E402
 from wbsr_export.onnx import OPSET, export_router_onnx  # noqa: E402
 from wbsr_export.slice import extract_subnet  # noqa: E402
 from wbsr_export.verify import box_grid, parity_inputs, reference_scores, router_parity, subnet_parity  # noqa: E402
-from wbsr_runtime.manifest import load_manifest  # noqa: E402
-from wbsr_train.checkpoint import file_sha256, load_checkpoint, save_checkpoint, supernet_from_checkpoint  # noqa: E402
+from wbsr_runtime.manifest import file_sha256, load_manifest  # noqa: E402
+from wbsr_train.checkpoint import load_checkpoint, save_checkpoint, supernet_from_checkpoint  # noqa: E402
 from wbsr_train.config import ModelConfig, SubnetSpec  # noqa: E402
 from wbsr_train.descriptor import thresholds_from_pool  # noqa: E402
 from wbsr_train.model import build_supernet  # noqa: E402

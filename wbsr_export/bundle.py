@@ -20,9 +20,9 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from wbsr_runtime.manifest import FORMAT, SCHEMA_VERSION, hash_files, write_manifest
+from wbsr_runtime.manifest import FORMAT, SCHEMA_VERSION, file_sha256, hash_files, write_manifest
 from wbsr_runtime.routing import eq15_map
-from wbsr_train.checkpoint import CheckpointError, file_sha256, load_checkpoint, supernet_from_checkpoint
+from wbsr_train.checkpoint import CheckpointError, load_checkpoint, supernet_from_checkpoint
 from wbsr_train.config import SubnetSpec
 
 from .errors import ExportError, ParityError

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +39,7 @@ from wbsr_runtime.engines import (
     normalize_compute_capability,
     profile_shapes,
 )
+from wbsr_runtime.fileio import atomic_write_bytes
 from wbsr_runtime.manifest import file_sha256 as sha256_file
 from wbsr_runtime.manifest import read_manifest_dict
 
@@ -186,7 +186,7 @@ def engine_for_subnet(
         bundle_dir / subnet["files"]["onnx"], plan, toolchain, input_name, output_name, settings
     )
     file = engine_file(index, spec.key)
-    atomic_write(bundle_dir / file, plan)
+    atomic_write_bytes(bundle_dir / file, plan)
     log.info("subnet %d: %s accepted, max |TensorRT - ORT| = %.2e", index, file, diff)
     return make_record(index, file, spec, diff)
 
@@ -303,18 +303,6 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def machine_tag(toolchain: Toolchain) -> str:
     """Timing caches are specific to TensorRT version and GPU: one file per machine kind."""
     cc = normalize_compute_capability(toolchain.compute_capability)
@@ -331,7 +319,7 @@ class TimingCacheFile:
 
     def save(self) -> None:
         if self.data:
-            atomic_write(self.path, self.data)
+            atomic_write_bytes(self.path, self.data)
 
 
 # --- the only code here that touches tensorrt ---------------------------------------------------------------

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .fileio import atomic_file
 
 FORMAT = "wbsr-bundle"
 SCHEMA_VERSION = 1
@@ -105,16 +105,9 @@ def hash_files(bundle_dir: str | Path) -> dict[str, str]:
 def write_manifest(bundle_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     """Write `manifest.json` atomically (temp file in the same folder, then rename)."""
     path = Path(bundle_dir) / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a bundle is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
     return path
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
+from .fileio import atomic_file
+
 log = logging.getLogger(__name__)
 
 WRITE_FORMATS = {
@@ -223,16 +225,13 @@ def write_image(path: str | os.PathLike, image: Image) -> Path:
     if fmt is None:
         raise MediaError(f"{path}: unsupported output extension (use one of {', '.join(sorted(IMAGE_EXTS))})")
     planes = _planes(image, fmt, path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_file(path) as fh:
             _encode(planes, fmt, image.icc_profile, fh)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, ValueError)) and not isinstance(e, MediaError):
-            raise MediaError(f"{path}: cannot write image: {_one_line(e)}") from None
+    except MediaError:
         raise
+    except (OSError, ValueError) as e:
+        raise MediaError(f"{path}: cannot write image: {_one_line(e)}") from None
     return path
 
 

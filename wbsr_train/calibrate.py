@@ -16,7 +16,7 @@ from wbsr_runtime.routing import tolerance_map
 from .config import SubnetSpec
 from .evaluate import tile_psnr_y, upscale_routed
 
-DEFAULT_TOLERANCE_DB = 0.1
+DEFAULT_TOLERANCE_DB = 0.15  # see the README design notes
 
 
 @torch.no_grad()

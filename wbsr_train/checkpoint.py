@@ -15,14 +15,13 @@ Layout (format "wbsr-checkpoint", version 1):
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from wbsr_runtime.fileio import atomic_file
 
 FORMAT = "wbsr-checkpoint"
 VERSION = 1
@@ -34,16 +33,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **ckpt}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **ckpt}, f)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -65,14 +56,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: checkpoint version {ckpt.get('version')!r} is not supported (this toolkit reads {VERSION})"
         )
     return ckpt
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def supernet_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:

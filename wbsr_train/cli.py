@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wbsr_runtime.fileio import atomic_file
+
 
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -110,7 +112,8 @@ def _eval(a: argparse.Namespace) -> int:
     report["routing"] = "calibrated" if cal else "eq15"
     print(format_report(report))
     if a.json:
-        _write_json(a.json, report)
+        with atomic_file(a.json, "w") as f:
+            json.dump(report, f, indent=2)
     return 0
 
 
@@ -130,7 +133,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("wbsr-calibrate", description="Measure the class x subnet PSNR table.")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True, help="validation folder (never training images)")
-    p.add_argument("--tolerance", type=float, help="dB from each class's best subnet (default 0.1)")
+    p.add_argument("--tolerance", type=float, help="dB from each class's best subnet (default 0.15)")
     p.add_argument("--out", help="write the calibrated checkpoint here instead of updating --ckpt")
     return _run(_calibrate, p.parse_args(argv))
 
@@ -149,14 +152,3 @@ def _calibrate(a: argparse.Namespace) -> int:
     print(f"map (tolerance {ckpt['calibration']['tolerance_db']} dB): {ckpt['calibration']['class_to_subnet']}")
     print(f"wrote {a.out or a.ckpt}")
     return 0
-
-
-def _write_json(path: str, obj: dict) -> None:
-    import os
-    import tempfile
-
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, target)
