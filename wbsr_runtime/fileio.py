@@ -14,11 +14,15 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+def atomic_file(
+    path: str | os.PathLike, mode: str = "wb", *, parents: bool = False, **open_kwargs: Any
+) -> Iterator[IO]:
     """Yield a file opened on a temporary name beside `path`; it is renamed onto `path` only when the block
-    completes, and removed on any error or interrupt. The file gets the usual permissions (0666 & ~umask)."""
+    completes, and removed on any error or interrupt. The file gets the usual permissions (0666 & ~umask).
+    `parents` creates missing parent folders; otherwise a missing folder is an error (FileNotFoundError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -31,5 +35,5 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_file(path) as f:
+    with atomic_file(path, parents=True) as f:
         f.write(data)

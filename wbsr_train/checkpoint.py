@@ -33,7 +33,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
-    with atomic_file(path) as f:
+    with atomic_file(path, parents=True) as f:
         torch.save({"format": FORMAT, "version": VERSION, **ckpt}, f)
 
 
