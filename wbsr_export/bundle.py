@@ -53,7 +53,7 @@ def export_bundle(
     fp16: bool = False,
     max_batch: int = 16,
     patch: int = 32,
-    overlap: int = 4,
+    overlap: int = 2,
     force: bool = False,
     torch_programs: bool = True,
 ) -> Path:

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt", action="store_true", help="build TensorRT engines for this GPU (needs tensorrt)")
     p.add_argument("--max-batch", type=int, default=None, help="largest patch batch (default 16)")
     p.add_argument("--patch", type=int, default=None, help="default LR core patch size (default 32)")
-    p.add_argument("--overlap", type=int, default=None, help="LR context on each side of a patch (default 4)")
+    p.add_argument("--overlap", type=int, default=None, help="LR context on each side of a patch (default 2)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-torch-programs", action="store_true", help="skip the torch.export .pt2 programs")
     p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit (MiB)")
@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> str:
         fp16=args.fp16,
         max_batch=args.max_batch or 16,
         patch=32 if args.patch is None else args.patch,
-        overlap=4 if args.overlap is None else args.overlap,
+        overlap=2 if args.overlap is None else args.overlap,
         force=args.force,
         torch_programs=not args.no_torch_programs,
     )
