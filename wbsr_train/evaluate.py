@@ -115,10 +115,6 @@ def upscale_routed(net: nn.Module, lr: np.ndarray, scale: int, specs: list[Subne
     return Routed(to_uint8(stitch_tiles(out, plan, scale)), plan, classes, subnets)
 
 
-def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
-    return imresize(lr, scale)
-
-
 def tile_psnr_y(sr: np.ndarray, hr: np.ndarray, boxes: np.ndarray, scale: int) -> np.ndarray:
     """Y-PSNR of each LR box's region of two (H, W, 3) uint8 images (no border crop): (n,) float64."""
     ysr, yhr = rgb_to_y(sr), rgb_to_y(hr)
@@ -141,7 +137,7 @@ def evaluate_model(net: nn.Module, ckpt: dict, pairs: list, class_map: np.ndarra
     per_class: Y-PSNR of the full subnet's tiles, by descriptor class (the paper's Fig. 4).
     """
     scale, specs, flops = ckpt["model_config"]["scale"], [SubnetSpec(*s) for s in ckpt["specs"]], ckpt["flops"]
-    rows = [{"method": "bicubic", **_mean_rows([_scores(bicubic_upscale(lr, scale), hr, scale)
+    rows = [{"method": "bicubic", **_mean_rows([_scores(imresize(lr, scale), hr, scale)
                                                   for _, lr, hr in pairs])}]
     for m, spec in enumerate(specs):
         scores = _mean_rows([_scores(upscale_whole(net, lr, spec), hr, scale) for _, lr, hr in pairs])
