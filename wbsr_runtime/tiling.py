@@ -56,11 +56,6 @@ class TilePlan:
         top, bottom, left, right = self.pad
         return self.height + top + bottom, self.width + left + right
 
-    @property
-    def window_pixels(self) -> int:
-        """LR pixels actually fed to the network over all tiles (context included)."""
-        return self.num_tiles * self.tile * self.tile
-
 
 def _starts(size: int, extent: int, step: int) -> np.ndarray:
     """Start offsets of windows of `extent` at `step` over `size`, the last shifted inward (a single 0 when
