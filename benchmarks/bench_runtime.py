@@ -5,8 +5,10 @@
 
 Rows: bicubic (MATLAB-compatible, `wbsr_train.data.imresize`); the full subnet on the whole frame (`mode="whole"`);
 the full subnet tiled (`mode="full"`); dynamic routing with the bundle's class -> subnet map and with two other
-tolerances (dB) or FLOPs budgets. LR inputs are made from the mod-cropped HR images with the same bicubic
-(`wbsr_train.data.load_pairs`). Metrics follow METHOD.md section 6 (Y channel, border crop = scale).
+tolerances (dB) or FLOPs budgets; and, when windows are merged (`--merge` >= 1, the runtime's default), the
+first two tiled rows once more on the grid's equal tiles (merge 0), to show what merging buys. LR inputs are
+made from the mod-cropped HR images with the same bicubic (`wbsr_train.data.load_pairs`). Metrics follow
+METHOD.md section 6 (Y channel, border crop = scale).
 
 FLOPs, both as % of the full subnet: "paper" = mean over all tiles of the chosen subnet's per-patch FLOPs
 (METHOD.md section 5a, at the runtime's patch); "executed" = `UpscaleStats.flops` summed over images (tile
@@ -33,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from wbsr_runtime.upscaler import DEFAULT_MERGE
+
 PROBE = Path(__file__).with_name("memprobe.py")
 MB = 2**20
 
@@ -50,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="LR context per side (default: the bundle's)")
     p.add_argument("--threads", type=int, help="ORT intra-op threads per session (default: the runner's)")
     p.add_argument("--chunk", type=int, help="tiles per batched call (default: the scheduler's)")
+    p.add_argument("--merge", type=int, help="merge neighbouring tiles of one subnet into windows of up to N x N "
+                   "cores (default: the runtime's; 0: equal tiles); >= 1 adds rows with merge 0 for comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per image and row (median kept)")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--large", type=Path, metavar="IMAGE", help="also measure memory on this large LR frame")
@@ -64,15 +70,15 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     common = {k: v for k in ("patch", "overlap", "chunk") if (v := getattr(args, k)) is not None}
     if args.backend in ("ort", "auto") and args.threads:
         common["threads"] = args.threads
-    rows = [
-        ("full, whole frame", {"mode": "whole"}),
-        ("full, tiled", {"mode": "full"}),
-        ("dynamic, bundle map", {"mode": "dynamic"}),
-    ]
+    tiled = [("full, tiled", {"mode": "full"}), ("dynamic, bundle map", {"mode": "dynamic"})]
     if args.budgets:
-        rows += [(f"dynamic, budget {b:g}", {"mode": "dynamic", "budget": b}) for b in args.budgets]
+        tiled += [(f"dynamic, budget {b:g}", {"mode": "dynamic", "budget": b}) for b in args.budgets]
     else:
-        rows += [(f"dynamic, tolerance {t:g} dB", {"mode": "dynamic", "tolerance": t}) for t in args.tolerances]
+        tiled += [(f"dynamic, tolerance {t:g} dB", {"mode": "dynamic", "tolerance": t}) for t in args.tolerances]
+    merge = DEFAULT_MERGE if args.merge is None else args.merge
+    rows = [("full, whole frame", {"mode": "whole"})] + [(label, kw | {"merge": merge}) for label, kw in tiled]
+    if merge >= 1:
+        rows += [(f"{label}, equal tiles (merge 0)", kw | {"merge": 0}) for label, kw in tiled[:2]]
     return [(label, {"backend": args.backend, **common, **kw}) for label, kw in rows]
 
 

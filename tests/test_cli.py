@@ -185,3 +185,25 @@ def test_sigterm_during_video_leaves_nothing(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=30)
     assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["clip.mp4"]
+
+
+def test_merge_option_reaches_the_upscaler(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnx")
+    from tests.nearest_bundle import build_nearest_bundle
+    from wbsr_runtime import upscaler
+
+    assert (cli.DEFAULT_MERGE, cli.DEFAULT_MAX_PIXELS) == (upscaler.DEFAULT_MERGE, upscaler.DEFAULT_MAX_PIXELS)
+    bundle = build_nearest_bundle(tmp_path / "bundle", patch=8, overlap=2)
+    src = _png(tmp_path / "a.png", 40, 40)
+    base = [str(src), "--bundle", str(bundle), "--backend", "ort", "--mode", "full"]
+    windows = {}
+    for merge in ("0", "4"):
+        assert cli.main([*base, "-o", str(tmp_path / f"o{merge}.png"), "--merge", merge,
+                         "--stats", str(tmp_path / f"s{merge}.json")]) == 0
+        windows[merge] = json.loads((tmp_path / f"s{merge}.json").read_text())["windows"]
+    assert windows == {"0": 25, "4": 4}  # 5 x 5 tiles; merged into 4 + 1 columns by 4 + 1 rows
+    assert (tmp_path / "o0.png").read_bytes() == (tmp_path / "o4.png").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*base, "-o", str(tmp_path / "bad.png"), "--merge", "-1"]) == 2
+    err = _stderr_lines(capsys)
+    assert len(err) == 1 and "merge" in err[0] and not (tmp_path / "bad.png").exists()

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from wbsr_runtime.tiling import Stitcher, extract_tiles, plan_tiles, route_boxes, stitch_tiles
+from wbsr_runtime.tiling import (
+    Stitcher,
+    as_unit_float,
+    extract_tiles,
+    merge_tiles,
+    plan_tiles,
+    route_boxes,
+    stitch_tiles,
+)
 
 SIZES = [(1, 1), (1, 7), (9, 1), (2, 3), (5, 5), (8, 8), (8, 9), (13, 17), (16, 16), (31, 29), (37, 41)]
 PATCH_OVERLAP = [(4, 0), (4, 1), (5, 2), (8, 3), (16, 4)]
@@ -98,3 +106,77 @@ def test_route_boxes_are_at_least_3x3_and_match_frame_boxes(blend: bool) -> None
         if h >= 3 and w >= 3:
             top, _, left, _ = plan.pad
             np.testing.assert_array_equal(rb - [top, left, top, left], plan.boxes)
+
+
+def labels_for(plan, n_labels: int, seed: int) -> np.ndarray:
+    """Blocky random labels on the tile grid (neighbours often agree, so windows merge)."""
+    rows, cols = plan.grid
+    coarse = np.random.default_rng(seed).integers(0, n_labels, (rows // 2 + 1, cols // 2 + 1))
+    return np.repeat(np.repeat(coarse, 2, 0), 2, 1)[:rows, :cols].ravel()
+
+
+@pytest.mark.parametrize("max_cells", [2, 3, 4])
+@pytest.mark.parametrize("patch,overlap", [(4, 0), (5, 2), (8, 3)])
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (8, 9), (13, 17), (31, 29), (37, 41), (50, 23)])
+def test_merged_windows_stitch_exactly(h: int, w: int, patch: int, overlap: int, max_cells: int) -> None:
+    img = frame(h, w, seed=h + w)
+    plan = plan_tiles(h, w, patch, overlap)
+    labels = labels_for(plan, 3, seed=h * w + max_cells)
+    merged, window_labels = merge_tiles(plan, labels, max_cells)
+    stitcher = Stitcher(merged, 3)
+    for size in np.unique(merged.sizes, axis=0):
+        idx = np.flatnonzero((merged.sizes == size).all(axis=1))
+        tiles = extract_tiles(img, merged, idx)
+        assert tiles.shape == (len(idx), 3, *size)
+        stitcher.add(idx, nearest(tiles, 3))
+    np.testing.assert_array_equal(stitcher.result(), nearest(img, 3))
+    # Written regions partition the frame; each window holds its cores and lies inside the (padded) frame.
+    owned = np.zeros((h, w), dtype=int)
+    ph, pw = plan.padded_shape
+    for (a, b, c, d), (oy, ox), (sh, sw) in zip(merged.owned, merged.origins, merged.sizes, strict=True):
+        owned[a:c, b:d] += 1  # read exactly what is written plus `overlap` context, inside the padded frame
+        assert (oy, ox) == (max(a - overlap, 0), max(b - overlap, 0))
+        assert (oy + sh, ox + sw) == (min(c + overlap, ph), min(d + overlap, pw))
+    assert (owned == 1).all()
+    # No window mixes labels or exceeds max_cells cores per side.
+    for (y0, x0, y1, x1), label in zip(merged.boxes, window_labels, strict=True):
+        inside = ((plan.boxes[:, :2] >= (y0, x0)) & (plan.boxes[:, 2:] <= (y1, x1))).all(axis=1)
+        assert (labels[inside] == label).all()
+        rows = len(np.unique(plan.boxes[inside, 0]))
+        cols = len(np.unique(plan.boxes[inside, 1]))
+        assert rows <= max_cells and cols <= max_cells
+
+
+def test_merging_one_label_reads_each_pixel_once_and_windows_are_tight() -> None:
+    plan = plan_tiles(96, 128, 32, 2)  # 3 x 4 cores
+    merged, labels = merge_tiles(plan, np.zeros(plan.num_tiles, dtype=np.int64), 4)
+    assert merged.num_tiles == 1 and labels.tolist() == [0]
+    np.testing.assert_array_equal(merged.origins, [[0, 0]])
+    np.testing.assert_array_equal(merged.sizes, [[96, 128]])  # the whole frame: no context pixels at all
+    checker = np.indices(plan.grid).sum(axis=0).ravel() % 2  # no two neighbours agree: nothing merges
+    alone, _ = merge_tiles(plan, checker, 4)
+    assert alone.num_tiles == plan.num_tiles
+    assert alone.sizes[:, 0].tolist() == [34] * 4 + [36] * 4 + [34] * 4  # context inside the frame only
+    assert alone.sizes.prod(axis=1).sum() < plan.sizes.prod(axis=1).sum()
+    split, _ = merge_tiles(plan_tiles(32, 330, 32, 2), np.zeros(11, dtype=np.int64), 4)
+    assert split.sizes[:, 1].tolist() == [130, 132, 76]  # 4 + 4 + 3 cores, the last shifted inward
+
+
+def test_merge_refuses_blend_plans_and_bad_arguments() -> None:
+    plan = plan_tiles(20, 20, 8, 2)
+    for bad in [(plan_tiles(20, 20, 8, 2, blend=True), np.zeros(9), 2), (plan, np.zeros(3), 2),
+                (plan, np.zeros(9), 0)]:
+        with pytest.raises(ValueError):
+            merge_tiles(*bad)
+    merged, _ = merge_tiles(plan, np.zeros(9, dtype=np.int64), 3)
+    with pytest.raises(ValueError):
+        merge_tiles(merged, np.zeros(1), 2)  # not a grid plan
+
+
+def test_as_unit_float_scales_integers_and_clips_floats() -> None:
+    assert as_unit_float(np.array([0, 51, 255], np.uint8)).tolist() == pytest.approx([0, 0.2, 1])
+    assert as_unit_float(np.array([65535], np.uint16)).tolist() == [1.0]
+    out = as_unit_float(np.array([-1.0, 0.25, 2.0]))
+    assert out.dtype == np.float32 and out.tolist() == [0.0, 0.25, 1.0]
+    with pytest.raises(ValueError):
+        as_unit_float(np.array([1], np.int32))

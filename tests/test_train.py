@@ -62,6 +62,22 @@ def test_resume_continues_exactly(tmp_path: Path, trained: Path, monkeypatch) ->
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_init_starts_from_a_checkpoints_weights(tmp_path: Path, trained: Path, capsys) -> None:
+    fresh = dict(TINY, iters=1, val_every=1)
+    train(TrainConfig(**fresh, out=str(tmp_path / "a.pt")))
+    train(TrainConfig(**fresh, out=str(tmp_path / "b.pt"), init=str(trained)))
+    # One step from the trained weights fits better than one step from scratch, and the run is recorded.
+    assert losses(tmp_path / "b.pt")[0][0] < losses(tmp_path / "a.pt")[0][0]
+    assert load_checkpoint(tmp_path / "b.pt")["train_config"]["init"] == str(trained)
+    other = ["--preset", "srresnet-compact", "--data", TINY["data"][0], "--iters", "1", "--batch", "4",
+             "--patch", "12", "--pool", "300", "--out", str(tmp_path / "c.pt")]
+    assert cli.train_main([*other, "--scale", "2", "--init", str(trained)]) == 2  # another model
+    assert cli.train_main([*other, "--scale", "4", "--init", str(tmp_path / "missing.pt")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 2 and "same model" in err[0] and "missing.pt" in err[1]
+    assert not (tmp_path / "c.pt").exists()
+
+
 def test_resume_refuses_other_config(tmp_path: Path, trained: Path) -> None:
     out = tmp_path / "r.pt"
     out.write_bytes(trained.read_bytes())

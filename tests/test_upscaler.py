@@ -53,10 +53,11 @@ def test_nearest_stand_in_gives_nearest_upscaling_exactly(nn_bundle: Path, mode:
             assert sum(stats.patches_per_subnet) == (1 if mode == "whole" else len(stats.boxes))
 
 
+@pytest.mark.parametrize("merge", [0, 1, 4])
 @pytest.mark.parametrize("patch,overlap", [(8, 2), (5, 0), (16, 3)])
-def test_each_tile_runs_the_subnet_its_class_maps_to(gain_bundle: Path, patch: int, overlap: int) -> None:
+def test_each_tile_runs_the_subnet_its_class_maps_to(gain_bundle: Path, patch: int, overlap: int, merge: int) -> None:
     img = image(29, 23, np.float32) * np.float32(0.3)  # gain <= 3 keeps the output in [0, 1]: no clamping
-    with Upscaler(gain_bundle, backend="ort", patch=patch, overlap=overlap) as up:
+    with Upscaler(gain_bundle, backend="ort", patch=patch, overlap=overlap, merge=merge) as up:
         out = up.upscale(img)
         plan = plan_tiles(29, 23, patch, overlap)
         subnets = up.class_map[router_classes(route_boxes(plan), 4) - 1]
@@ -67,9 +68,37 @@ def test_each_tile_runs_the_subnet_its_class_maps_to(gain_bundle: Path, patch: i
         np.testing.assert_array_equal(out, expected)
         stats = up.last_stats
         per_pixel = np.array([1024 * (m + 1) ** 2 / 32**2 for m in range(3)])
-        assert stats.flops == pytest.approx(per_pixel[subnets].sum() * (patch + 2 * overlap) ** 2)
+        unmerged = per_pixel[subnets].sum() * (patch + 2 * overlap) ** 2
+        if merge == 0:
+            assert stats.flops == pytest.approx(unmerged) and stats.windows == plan.num_tiles
+        else:  # fewer context pixels, never more
+            assert stats.flops < unmerged and stats.windows <= plan.num_tiles
         assert stats.flops_full == pytest.approx(29 * 23 * per_pixel[2])
         assert stats.as_dict()["flops_ratio"] == pytest.approx(stats.flops / stats.flops_full)
+
+
+def test_full_mode_merges_into_whole_frame_windows(nn_bundle: Path, monkeypatch) -> None:
+    img = image(29, 23, np.uint8)
+    with Upscaler(nn_bundle, backend="ort", mode="full", patch=8, overlap=2, merge=4) as up:
+        np.testing.assert_array_equal(up.upscale(img), hwc_nearest(img, 2))
+        assert up.last_stats.windows == 1 and up.last_stats.flops_ratio == pytest.approx(1.0)
+    with Upscaler(nn_bundle, backend="ort", mode="full", patch=8, overlap=2, merge=0) as up:
+        up.upscale(img)
+        assert up.last_stats.windows == 12 and up.last_stats.flops_ratio > 1.5
+
+    from wbsr_runtime.backends import base
+
+    init = base.Runner.__init__
+
+    def fixed_profile(self, *args, **kwargs):  # a backend that takes one tile size only, as TensorRT engines
+        init(self, *args, **kwargs)
+        self.fixed_tiles = True
+
+    monkeypatch.setattr(base.Runner, "__init__", fixed_profile)
+    with Upscaler(nn_bundle, backend="ort", mode="full", patch=8, overlap=2, merge=4) as up:
+        assert up.merge == 0
+        np.testing.assert_array_equal(up.upscale(img), hwc_nearest(img, 2))
+        assert up.last_stats.windows == 12
 
 
 def test_tolerance_and_budget_rederive_the_map(gain_bundle: Path, tmp_path: Path) -> None:

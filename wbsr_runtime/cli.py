@@ -24,6 +24,7 @@ from wbsr_runtime.manifest import BundleError
 from wbsr_runtime.media import IMAGE_EXTS, MediaError, read_image, upscale_image, write_image
 
 DEFAULT_MAX_PIXELS = 16384 * 16384  # as wbsr_runtime.upscaler.DEFAULT_MAX_PIXELS, without importing it
+DEFAULT_MERGE = 4  # as wbsr_runtime.upscaler.DEFAULT_MERGE
 VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm")  # as wbsr_runtime.video.VIDEO_EXTS, without PyAV
 _EXPECTED = (MediaError, BundleError, OSError, ValueError)
 
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     knob.add_argument("--budget", type=float, metavar="F", help="FLOPs as a fraction of the full model")
     p.add_argument("--patch", type=int, metavar="P", help="LR tile core size (default: the bundle's)")
     p.add_argument("--overlap", type=int, metavar="O", help="LR context per side (default: the bundle's)")
+    p.add_argument(
+        "--merge",
+        type=int,
+        metavar="N",
+        help="run neighbouring tiles of one subnet as windows of up to N x N tiles "
+        f"(default {DEFAULT_MERGE}; 0: equal tiles, as TensorRT engines take)",
+    )
     p.add_argument("--workers", type=int, default=1, metavar="N")
     p.add_argument(
         "--max-pixels",
@@ -78,7 +86,7 @@ def _make_upscaler(args: argparse.Namespace) -> Any:
 
     kw = {
         k: getattr(args, k)
-        for k in ("tolerance", "budget", "patch", "overlap", "max_pixels")
+        for k in ("tolerance", "budget", "patch", "overlap", "merge", "max_pixels")
         if getattr(args, k) is not None
     }
     if args.bundle is None:

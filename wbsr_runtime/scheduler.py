@@ -1,9 +1,10 @@
 """Run the tiles of one frame over a backend's runners: one implementation shared by all backends.
 
-Tiles are grouped by subnet (so every chunk is one batched call), chunked to the runners' `max_batch`, and
-dispatched over the runners, one thread per runner (each runner is bound to its own sessions / stream). A
-worker extracts its chunk's tiles from the padded frame, runs them and hands the outputs to a thread-safe
-`Stitcher`, so at most one chunk of tiles and outputs per worker exists at a time (bounded memory).
+Tiles are grouped by subnet and window size (so every chunk is one batched call), chunked to a pixel budget
+and the runners' `max_batch`, and dispatched over the runners, one thread per runner (each runner is bound to
+its own sessions / stream). A worker reads its chunk's tiles from the frame in the frame's own dtype,
+converts them to float32, runs them and hands the outputs to a thread-safe `Stitcher`, so at most one chunk
+of tiles and outputs per worker exists at a time and no float copy of the frame is made (bounded memory).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends.base import Runner
-from .tiling import Stitcher, TilePlan, extract_tiles
+from .tiling import Stitcher, TilePlan, as_unit_float, extract_tiles
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 16  # tiles per call when the backend sets no limit: large enough to batch, small in memory
+DEFAULT_CHUNK = 16  # grid tiles per call when the backend sets no limit: large enough to batch, small in memory
 
 
 @dataclass
@@ -34,12 +35,15 @@ class ScheduleTimes:
     tiling: float = 0.0
 
 
-def make_chunks(tile_subnets: np.ndarray, chunk: int) -> list[tuple[int, np.ndarray]]:
-    """`[(subnet, tile indices)]`: tiles grouped by subnet (ascending), each group split into <= `chunk`."""
+def make_chunks(plan: TilePlan, tile_subnets: np.ndarray, chunk: int) -> list[tuple[int, np.ndarray]]:
+    """`[(subnet, tile indices)]`: tiles grouped by subnet (ascending) and window size, each group split into
+    calls of at most `chunk` tiles' worth of pixels (`chunk` grid tiles; at least one window a call)."""
     chunks = []
-    for m in np.unique(tile_subnets):
-        idx = np.flatnonzero(tile_subnets == m)
-        chunks += [(int(m), idx[i : i + chunk]) for i in range(0, len(idx), chunk)]
+    keys = np.column_stack([tile_subnets, plan.sizes])
+    for m, h, w in np.unique(keys, axis=0):
+        idx = np.flatnonzero((keys == (m, h, w)).all(axis=1))
+        n = max(1, min(chunk, chunk * plan.tile**2 // (h * w)))
+        chunks += [(int(m), idx[i : i + n]) for i in range(0, len(idx), n)]
     return chunks
 
 
@@ -61,14 +65,15 @@ def run_tiles(
 ) -> tuple[np.ndarray, ScheduleTimes]:
     """Upscale every tile of `plan` with its subnet and stitch.
 
-    padded: `pad_frame(frame, plan)`, (3, Hp, Wp) float32 in [0, 1]; tile_subnets: (n,) int subnet per tile.
+    padded: `pad_frame(frame, plan)`, (3, Hp, Wp) uint8 / uint16 or float in [0, 1] (a transposed view of an
+    (H, W, 3) image works); tile_subnets: (n,) int subnet per tile (window).
     Returns the stitched (3, H*s, W*s) float32 frame (not clamped), or with `dtype` the final (H*s, W*s, 3)
     image of that dtype, converted tile by tile (`tiling.Stitcher`); and the time spent.
     """
     if len(tile_subnets) != plan.num_tiles:
         raise ValueError(f"{len(tile_subnets)} subnet indices for {plan.num_tiles} tiles")
     jobs: queue.SimpleQueue = queue.SimpleQueue()
-    for job in make_chunks(np.asarray(tile_subnets), chunk_size(runners, chunk)):
+    for job in make_chunks(plan, np.asarray(tile_subnets), chunk_size(runners, chunk)):
         jobs.put(job)
     stitcher = Stitcher(plan, scale, dtype=dtype)
     stop = threading.Event()
@@ -82,7 +87,7 @@ def run_tiles(
                 return
             try:
                 t0 = time.perf_counter()
-                tiles = extract_tiles(padded, plan, idx)
+                tiles = as_unit_float(extract_tiles(padded, plan, idx))
                 t1 = time.perf_counter()
                 out = runner.run_subnet(m, tiles)
                 t2 = time.perf_counter()

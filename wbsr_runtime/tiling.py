@@ -16,6 +16,13 @@ Two modes, both on a low-resolution (LR) frame of `height x width` pixels:
 Only a frame smaller than a tile is padded (at the bottom/right, by reflection: numpy "reflect", mirrored
 without repeating the edge pixel), so every tile of a plan has the same size. Coordinates
 are LR pixels, boxes half-open `(y0, x0, y1, x1)`.
+
+`merge_tiles` turns a crop-mode plan and a label per tile (its subnet) into a plan of windows of any size, for
+backends that take any input shape: rectangles of grid-adjacent cores with one label, each cut to exactly the
+region it writes plus `overlap` context on every side (clipped at the frame border). Context is then paid
+once per window instead of once per tile, and no pixels are spent on the inward shift, so the work
+approaches whole-frame inference where neighbours share a subnet (`full` mode on a frame becomes a few
+large windows).
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ class TilePlan:
     `boxes` (n, 4) int64: the frame region each tile is classified on (core clipped to the frame; blend mode:
     the tile clipped to the frame). `owned` (n, 4) int64: the frame region each tile's output is written to
     (crop mode: a partition of the frame; blend mode: equal to `boxes`, averaged). `origins` (n, 2) int64: the
-    top-left corner of each tile window in the padded frame. `pad`: (top, bottom, left, right) padding.
+    top-left corner of each tile window in the padded frame; `sizes` (n, 2) int64 its height and width (all
+    `tile` in a grid plan; `merge_tiles` makes larger ones). `grid`: (rows, columns) of a grid plan, whose tile
+    `i` sits at row `i // columns`; None for merged plans. `pad`: (top, bottom, left, right) padding.
     """
 
     height: int
@@ -46,6 +55,8 @@ class TilePlan:
     boxes: np.ndarray
     owned: np.ndarray
     origins: np.ndarray
+    sizes: np.ndarray
+    grid: tuple[int, int] | None
 
     @property
     def num_tiles(self) -> int:
@@ -100,7 +111,57 @@ def plan_tiles(height: int, width: int, patch: int, overlap: int, blend: bool = 
         [np.clip(ys[iy] - ctx, 0, max(height - t, 0)), np.clip(xs[ix] - ctx, 0, max(width - t, 0))], axis=1
     ).astype(np.int64)
     pad = (0, max(t - height, 0), 0, max(t - width, 0))
-    return TilePlan(height, width, patch, overlap, blend, t, pad, boxes, owned, origins)
+    sizes = np.full((len(boxes), 2), t, dtype=np.int64)
+    return TilePlan(height, width, patch, overlap, blend, t, pad, boxes, owned, origins, sizes, (len(ys), len(xs)))
+
+
+def _runs(labels: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Half-open `(start, end)` runs of equal consecutive labels, each at most `limit` long."""
+    runs, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start] or i - start == limit:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def merge_tiles(plan: TilePlan, labels: np.ndarray, max_cells: int) -> tuple[TilePlan, np.ndarray]:
+    """Merge grid-adjacent tiles of a crop-mode grid plan that share a label into rectangular windows of at
+    most `max_cells` x `max_cells` cores; returns the merged plan (tiles = windows) and each window's label.
+
+    Runs of equal labels along each row are cut at `max_cells`, and a run that repeats the one above it
+    (same columns, same label) extends that window downward, up to `max_cells` rows. A window writes the
+    union of its cores' owned regions and reads that region with `overlap` context on every side, clipped to
+    the padded frame. `max_cells` = 1 keeps every tile alone but still cuts its window to what it writes.
+    """
+    labels = np.asarray(labels)
+    if plan.blend or plan.grid is None:
+        raise ValueError("merge_tiles needs a crop-mode grid plan")
+    if len(labels) != plan.num_tiles or max_cells < 1:
+        raise ValueError(f"need one label per tile ({plan.num_tiles}) and max_cells >= 1")
+    rows, cols = plan.grid
+    grid = labels.reshape(rows, cols)
+    done, open_ = [], {}  # windows as [r0, r1, c0, c1]; open_ maps (c0, c1) -> window still growing down
+    for r in range(rows):
+        grown = {}
+        for c0, c1 in _runs(grid[r], max_cells):
+            w = open_.get((c0, c1))
+            if w is not None and grid[w[0], c0] == grid[r, c0] and w[1] - w[0] < max_cells:
+                w[1] = r + 1
+            else:
+                w = [r, r + 1, c0, c1]
+                done.append(w)
+            grown[(c0, c1)] = w
+        open_ = grown
+    win = np.array(done, dtype=np.int64)
+    first, last = win[:, 0] * cols + win[:, 2], (win[:, 1] - 1) * cols + win[:, 3] - 1  # corner tiles
+    boxes = np.concatenate([plan.boxes[first, :2], plan.boxes[last, 2:]], axis=1)
+    owned = np.concatenate([plan.owned[first, :2], plan.owned[last, 2:]], axis=1)
+    origins = np.maximum(owned[:, :2] - plan.overlap, 0)
+    sizes = np.minimum(owned[:, 2:] + plan.overlap, np.array(plan.padded_shape)) - origins
+    merged = TilePlan(plan.height, plan.width, plan.patch, plan.overlap, False, plan.tile, plan.pad,
+                      boxes, owned, origins, sizes, None)
+    return merged, grid[win[:, 0], win[:, 2]]
 
 
 def pad_frame(frame: np.ndarray, plan: TilePlan) -> np.ndarray:
@@ -120,20 +181,40 @@ def _check_frame(frame: np.ndarray, plan: TilePlan) -> None:
 
 
 def extract_tiles(frame: np.ndarray, plan: TilePlan, indices: np.ndarray | None = None) -> np.ndarray:
-    """Tiles `(n, C, T, T)` (same dtype as the frame) of a `(C, H, W)` frame, or of the frame already padded
-    by `pad_frame` (shape `(C, *plan.padded_shape)`, so chunks don't pad again); `indices` selects tiles
-    (default: all, in plan order)."""
+    """Tiles `(n, C, h, w)` (same dtype as the frame) of a `(C, H, W)` frame (any dtype; a transposed view
+    of an `(H, W, C)` image works), or of the frame already padded by `pad_frame` (shape
+    `(C, *plan.padded_shape)`, so chunks don't pad again); `indices` selects tiles (default: all, in plan
+    order), which must share one window size."""
     if frame.ndim == 3 and frame.shape[1:] != plan.padded_shape:
         frame = pad_frame(frame, plan)
     if frame.ndim != 3:
         raise ValueError(f"expected a (C, H, W) frame, got shape {frame.shape}")
     idx = np.arange(plan.num_tiles) if indices is None else np.asarray(indices, dtype=np.int64)
-    t = plan.tile
-    out = np.empty((len(idx), frame.shape[0], t, t), dtype=frame.dtype)
+    h, w = _window_size(plan, idx)
+    out = np.empty((len(idx), frame.shape[0], h, w), dtype=frame.dtype)
     for j, i in enumerate(idx):
         y, x = plan.origins[i]
-        out[j] = frame[:, y : y + t, x : x + t]
+        out[j] = frame[:, y : y + h, x : x + w]
     return out
+
+
+def _window_size(plan: TilePlan, idx: np.ndarray) -> tuple[int, int]:
+    """The one window size `(h, w)` shared by tiles `idx` (ValueError when they differ)."""
+    if len(idx) == 0:
+        return plan.tile, plan.tile
+    sizes = plan.sizes[idx]
+    if (sizes != sizes[0]).any():
+        raise ValueError("tiles of one call must share a window size")
+    return int(sizes[0, 0]), int(sizes[0, 1])
+
+
+def as_unit_float(x: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 (scaled by the dtype's maximum) or float (clipped) -> float32 in [0, 1], same shape."""
+    if x.dtype == np.uint8 or x.dtype == np.uint16:
+        return np.multiply(x, np.float32(1.0 / np.iinfo(x.dtype).max), dtype=np.float32)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"unsupported image dtype {x.dtype}; use uint8, uint16 or float in [0, 1]")
+    return np.clip(x, 0.0, 1.0, dtype=np.float32)
 
 
 def route_boxes(plan: TilePlan, min_size: int = 3) -> np.ndarray:
@@ -167,8 +248,8 @@ def to_hwc(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 class Stitcher:
-    """Accumulates tile outputs `(n, C, T*s, T*s)` in any order, chunk by chunk, into `(C, H*s, W*s)` float32,
-    or, with `dtype`, into the final `(H*s, W*s, C)` image of that dtype (see `to_hwc`).
+    """Accumulates tile outputs `(n, C, h*s, w*s)` (one window size per call) in any order, chunk by chunk,
+    into `(C, H*s, W*s)` float32, or, with `dtype`, into the final `(H*s, W*s, C)` image of that dtype (see `to_hwc`).
 
     Crop mode writes each tile's owned region straight into the output: with `dtype` each chunk is converted as
     it arrives, so the output image is the only frame-sized buffer (memory is streamed). Blend mode keeps a
@@ -190,15 +271,17 @@ class Stitcher:
 
     def add(self, indices: np.ndarray, outputs: np.ndarray) -> None:
         """Add the outputs of tiles `indices` (plan order numbers)."""
-        s, t = self.scale, self.plan.tile * self.scale
-        if outputs.ndim != 4 or outputs.shape[0] != len(indices) or outputs.shape[2:] != (t, t):
-            raise ValueError(f"outputs {outputs.shape} do not match {len(indices)} tiles of {t}x{t}")
+        s = self.scale
+        indices = np.asarray(indices, dtype=np.int64)
+        h, w = (v * s for v in _window_size(self.plan, indices))
+        if outputs.ndim != 4 or outputs.shape[0] != len(indices) or outputs.shape[2:] != (h, w):
+            raise ValueError(f"outputs {outputs.shape} do not match {len(indices)} tiles of {h}x{w}")
         hwc = self._count is None and self._dtype is not None
         if hwc:
             outputs = to_hwc(outputs, self._dtype)  # (n, T*s, T*s, C), converted outside the lock
         top, _, left, _ = self.plan.pad
         with self._lock:
-            for j, i in enumerate(np.asarray(indices, dtype=np.int64)):
+            for j, i in enumerate(indices):
                 y0, x0, y1, x1 = self.plan.owned[i]
                 oy = y0 - (self.plan.origins[i, 0] - top)  # owned start inside the tile, LR pixels
                 ox = x0 - (self.plan.origins[i, 1] - left)
@@ -225,7 +308,8 @@ class Stitcher:
 
 
 def stitch_tiles(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
-    """Stitch all tile outputs `(n, C, T*s, T*s)` (plan order) into a `(C, H*s, W*s)` float32 frame."""
+    """Stitch all tile outputs `(n, C, h*s, w*s)` (plan order, one window size) into a `(C, H*s, W*s)` float32
+    frame."""
     stitcher = Stitcher(plan, scale, channels=outputs.shape[1])
     stitcher.add(np.arange(plan.num_tiles), outputs)
     return stitcher.result()

@@ -26,12 +26,13 @@ from . import routing
 from .backends import open_runners
 from .manifest import BundleError, Manifest, load_manifest
 from .scheduler import run_tiles
-from .tiling import pad_frame, plan_tiles, route_boxes, to_hwc
+from .tiling import as_unit_float, merge_tiles, pad_frame, plan_tiles, route_boxes, to_hwc
 
 log = logging.getLogger(__name__)
 
 MODES = ("dynamic", "full", "whole")
 DEFAULT_MAX_PIXELS = 16384 * 16384  # LR pixels; 4K/8K frames pass, a decompression bomb does not
+DEFAULT_MERGE = 4  # neighbouring tiles of one subnet run as windows of up to 4 x 4 cores (README: benchmark)
 MODELS_DIR = Path(__file__).parent / "models"
 
 
@@ -45,7 +46,7 @@ class UpscaleStats:
     fed to them (tile windows with their context), against the full subnet on the whole frame once; the router
     is not counted. Times in seconds: router, subnets and tiling summed over workers; total is wall clock.
     `boxes` (n, 4) int64 LR tile boxes (y0, x0, y1, x1) and `subnets` (n,) int64, the subnet of each tile,
-    are None in "whole" mode."""
+    are None in "whole" mode; `windows` is how many windows the tiles were merged into (subnet calls' items)."""
 
     mode: str
     backend: str
@@ -61,6 +62,7 @@ class UpscaleStats:
     subnets_s: float = 0.0
     tiling_s: float = 0.0
     total_s: float = 0.0
+    windows: int = 1
     boxes: np.ndarray | None = field(default=None, repr=False)
     subnets: np.ndarray | None = field(default=None, repr=False)
 
@@ -114,21 +116,11 @@ def class_map(manifest: Manifest, tolerance: float | None, budget: float | None)
 
 
 def to_chw(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> (3, H, W) float32 in [0, 1] (floats clipped).
-
-    Converted one channel at a time into the result, so no other frame-sized float buffer is made."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    integer = image.dtype == np.uint8 or image.dtype == np.uint16
-    if not integer and not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
-    x = np.empty((3, image.shape[0], image.shape[1]), dtype=np.float32)
+    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> (3, H, W) float32 in [0, 1] (floats clipped), converted
+    one channel at a time (the "whole" mode's input; the tiled modes never make this copy)."""
+    x = np.empty((3, *image.shape[:2]), dtype=np.float32)
     for c in range(3):
-        x[c] = image[..., c]
-    if integer:
-        np.divide(x, np.float32(np.iinfo(image.dtype).max), out=x)
-    else:
-        np.clip(x, 0.0, 1.0, out=x)
+        x[c] = as_unit_float(image[..., c])
     return x
 
 
@@ -144,8 +136,11 @@ class Upscaler:
     bundle: bundle folder, or None for the shipped default of `scale` (`scale` is ignored when a bundle is
     given: the bundle's own scale applies). backend: "ort" | "torch" | "trt" | "auto". tolerance (dB) / budget
     (fraction of the full model's FLOPs): re-derive the class -> subnet map from the bundle's PSNR table.
-    patch / overlap: LR core tile size and context (default: the bundle's). workers: runners (threads, and on
-    a GPU streams). max_pixels: larger LR frames are refused (FrameTooLarge). chunk: tiles per batched call.
+    patch / overlap: LR core tile size and context (default: the bundle's). merge: neighbouring tiles routed
+    to one subnet run as one window of up to `merge` x `merge` cores, each read as what it writes plus its
+    context (`tiling.merge_tiles`; 1: every tile alone); 0: equal tiles of patch + 2 x overlap, what
+    fixed-shape backends take (TensorRT: always 0). workers: runners (threads, and on a GPU streams). max_pixels:
+    larger LR frames are refused (FrameTooLarge). chunk: grid tiles' worth of pixels per batched call.
     backend_opts: passed to the runner (e.g. device="cuda", fp16=True, threads=2).
     """
 
@@ -160,6 +155,7 @@ class Upscaler:
         budget: float | None = None,
         patch: int | None = None,
         overlap: int | None = None,
+        merge: int = DEFAULT_MERGE,
         workers: int = 1,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         chunk: int | None = None,
@@ -175,14 +171,16 @@ class Upscaler:
         self.mode, self.max_pixels, self.chunk = mode, max_pixels, chunk
         self.patch = self.manifest.tiling.patch if patch is None else patch
         self.overlap = self.manifest.tiling.overlap if overlap is None else overlap
-        if self.patch < 3 or self.overlap < 0:
+        if self.patch < 3 or self.overlap < 0 or merge < 0:
             raise ValueError(
-                f"need patch >= 3 and overlap >= 0, got patch={self.patch}, overlap={self.overlap}"
+                f"need patch >= 3, overlap >= 0 and merge >= 0, got patch={self.patch}, "
+                f"overlap={self.overlap}, merge={merge}"
             )
         self.class_map = class_map(self.manifest, tolerance, budget)
         self.full = len(self.manifest.subnets) - 1
         self.runners = open_runners(self.manifest, backend, workers, **backend_opts)
         self.backend = self.runners[0].name
+        self.merge = 0 if any(r.fixed_tiles for r in self.runners) else merge
         self.last_stats: UpscaleStats | None = None
         self._lock = threading.Lock()
 
@@ -203,26 +201,28 @@ class Upscaler:
     def upscale(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 / uint16 / float32 in [0, 1] -> (H*s, W*s, 3) of the same dtype, clamped."""
         image = np.asarray(image)
-        if image.ndim == 3 and image.shape[0] * image.shape[1] > self.max_pixels:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+        if image.dtype not in (np.uint8, np.uint16) and not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
+        if image.shape[0] * image.shape[1] > self.max_pixels:
             raise FrameTooLarge(
                 f"frame of {image.shape[1]}x{image.shape[0]} = {image.shape[0] * image.shape[1]} "
                 f"pixels exceeds max_pixels={self.max_pixels}; raise max_pixels to allow it"
             )
         with self._lock:
             t0 = time.perf_counter()
-            x = to_chw(image)
             if self.mode == "whole":
-                out, stats = self._whole(x)
+                out, stats = self._whole(to_chw(image))
                 sr = from_chw(out, image.dtype)
             else:
-                sr, stats = self._tiled(x, image.dtype)  # stitched straight into the output dtype
+                sr, stats = self._tiled(image)  # stitched straight into the output dtype
             stats.total_s = time.perf_counter() - t0
             self.last_stats = stats
         log.debug("upscaled %dx%d: %s", image.shape[1], image.shape[0], stats)
         return sr
 
-    def _stats(self, x: np.ndarray, **kw: Any) -> UpscaleStats:
-        _, h, w = x.shape
+    def _stats(self, h: int, w: int, **kw: Any) -> UpscaleStats:
         return UpscaleStats(
             mode=self.mode,
             backend=self.backend,
@@ -243,7 +243,8 @@ class Upscaler:
         counts = [0] * len(self.manifest.subnets)
         counts[self.full] = 1
         stats = self._stats(
-            x,
+            h,
+            w,
             patch=None,
             overlap=None,
             patches_per_subnet=counts,
@@ -252,29 +253,36 @@ class Upscaler:
         stats.subnets_s = time.perf_counter() - t0
         return out, stats
 
-    def _tiled(self, x: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, UpscaleStats]:
-        """Tiles of `patch` + `overlap` context; each tile's subnet from the router (dynamic) or the full.
-        Returns the (H*s, W*s, 3) image of `dtype`, converted tile by tile (memory: x, the output, and one
-        chunk of tiles per worker)."""
+    def _tiled(self, image: np.ndarray) -> tuple[np.ndarray, UpscaleStats]:
+        """Tiles of `patch` + `overlap` context; each tile's subnet from the router (dynamic) or the full;
+        neighbours of one subnet merged into windows (`merge`). Returns the (H*s, W*s, 3) image of the input's
+        dtype, converted window by window. Memory: the input, the output and one chunk per worker: tiles are
+        read from the input in its own dtype and converted to float32 chunk by chunk, the router band by band.
+        """
         t0 = time.perf_counter()
-        plan = plan_tiles(x.shape[1], x.shape[2], self.patch, self.overlap)
-        padded = pad_frame(x, plan)
+        h, w = image.shape[:2]
+        plan = plan_tiles(h, w, self.patch, self.overlap)
+        frame = pad_frame(image.transpose(2, 0, 1), plan)  # a (3, H, W) view; copied only when padded
         t1 = time.perf_counter()
         if self.mode == "dynamic":
-            _, classes = self.runners[0].route(padded[None], route_boxes(plan))
+            _, classes = self.runners[0].route(frame[None], route_boxes(plan))
             tile_subnets = self.class_map[classes - 1]
         else:
             tile_subnets = np.full(plan.num_tiles, self.full, dtype=np.int64)
+        windows, window_subnets = (
+            (plan, tile_subnets) if self.merge == 0 else merge_tiles(plan, tile_subnets, self.merge)
+        )
         t2 = time.perf_counter()
-        out, times = run_tiles(self.runners, plan, padded, tile_subnets, self.scale, self.chunk, dtype)
-        counts = np.bincount(tile_subnets, minlength=len(self.manifest.subnets))
-        fpp = np.array([self._flops_per_pixel(m) for m in range(len(counts))])
+        out, times = run_tiles(self.runners, windows, frame, window_subnets, self.scale, self.chunk, image.dtype)
+        fpp = np.array([self._flops_per_pixel(m) for m in range(len(self.manifest.subnets))])
         stats = self._stats(
-            x,
+            h,
+            w,
             patch=self.patch,
             overlap=self.overlap,
-            patches_per_subnet=counts.tolist(),
-            flops=float(counts @ fpp) * plan.tile**2,
+            patches_per_subnet=np.bincount(tile_subnets, minlength=len(fpp)).tolist(),
+            flops=float(windows.sizes.prod(axis=1) @ fpp[window_subnets]),
+            windows=windows.num_tiles,
             boxes=plan.boxes,
             subnets=tile_subnets,
         )

@@ -52,6 +52,7 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad", action="store_true", default=None, help="skip unreadable images, count them")
+    p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning: new optimizer and schedule)")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     return _run(_train, p.parse_args(argv))

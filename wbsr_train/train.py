@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     skip_bad: bool = False
+    init: str | None = None  # start from this checkpoint's weights (same model); fresh optimizer and schedule
 
     def validate(self) -> None:
         preset(self.preset, self.scale)  # raises on unknown preset or scale
@@ -136,6 +137,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     rank, world = _init_distributed()
     mcfg = model_config(cfg)
     ckpt = _resume_state(cfg, mcfg) if resume else None
+    init = _init_weights(cfg.init, mcfg) if cfg.init and ckpt is None else None  # refused before any work
     torch.manual_seed(cfg.seed)
     net = build_supernet(mcfg)
     loss_fn = make_loss(cfg.loss, cfg.sigma_init)
@@ -154,6 +156,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=cfg.lr_min)
     rng = np.random.default_rng([cfg.seed, 2, rank])
     start, metrics = 0, {}
+    if init is not None:
+        net.load_state_dict(init)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt["state"]["loss"])
@@ -240,6 +244,14 @@ def _resume_state(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any] | None:
         raise CheckpointError(f"{cfg.out}: the checkpoint's model differs from preset {cfg.preset!r}"
                               + (" (plain)" if cfg.plain else ""))
     return ckpt
+
+
+def _init_weights(path: str, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The supernet weights of the checkpoint at `path`, refused unless its model is exactly `mcfg`."""
+    ckpt = load_checkpoint(path)
+    if model_config_from_dict(ckpt["model_config"]) != mcfg:
+        raise CheckpointError(f"{path}: --init needs a checkpoint of the same model (preset and scale)")
+    return ckpt["model"]
 
 
 def _init_distributed() -> tuple[int, int]:

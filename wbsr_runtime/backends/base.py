@@ -6,12 +6,15 @@ used as a context manager (`__exit__` frees sessions, engines, streams and buffe
 - `run_subnet(index, batch)`: `batch` (n, 3, h, w) float32 RGB in [0, 1] -> (n, 3, h*s, w*s) float32, not
   clamped, computed by subnet `index` of the bundle (0 = cheapest). `n` is at most `max_batch` when that is
   not None; the scheduler chunks to it. Implementations may assume one calling thread at a time.
-- `route(frame, boxes)`: frame (1, 3, H, W) float32 in [0, 1], boxes (n, 4) int64 `y0, x0, y1, x1`
-  (half-open, each >= 3x3) -> scores (n,) float32 and classes (n,) int64 in 1..K. The implementation here
-  runs the bundle's `router.onnx` with ONNX Runtime on the CPU (it is cheap), so backends inherit it.
+- `route(frame, boxes)`: frame (1, 3, H, W) uint8 / uint16 or float in [0, 1] (converted band by band),
+  boxes (n, 4) int64 `y0, x0, y1, x1` (half-open, each >= 3x3) -> scores (n,) float32 and classes (n,) int64
+  in 1..K. The implementation here runs the bundle's `router.onnx` with ONNX Runtime on the CPU (it is
+  cheap), so backends inherit it.
 
-Attributes for reporting: `name` (backend name), `max_batch` (int or None for unbounded), `device` (a short
-string such as "cpu" or "cuda:0 (NVIDIA H100)"), `providers` (what actually runs, e.g. ORT providers).
+Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `fixed_tiles` (True when it takes
+only the bundle's tile shape, as TensorRT engines built for one profile do; then the Upscaler does not merge
+tiles into windows), `device` (a short string such as "cpu" or "cuda:0 (NVIDIA H100)"), `providers` (what
+actually runs, e.g. ORT providers).
 
 A subclass implements `_load(index)` (build whatever runs subnet `index`, called lazily once) and
 `_infer(handle, batch)`, and releases its own resources in `close()` (calling `super().close()`).
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..manifest import Manifest
+from ..tiling import as_unit_float
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class Runner:
         self.manifest = manifest
         self.worker_index = worker_index
         self.max_batch = max_batch
+        self.fixed_tiles = False
         self.device = "cpu"
         self.providers: list[str] = []
         self._handles: dict[int, Any] = {}
@@ -80,11 +85,12 @@ class Runner:
         return self._infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
 
     def route(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """frame (1, 3, H, W) float32 in [0, 1], boxes (n, 4) int64 -> scores (n,) float32, classes (n,)
-        int64 in 1..K.
+        """frame (1, 3, H, W) uint8 / uint16 or float in [0, 1], boxes (n, 4) int64 -> scores (n,) float32,
+        classes (n,) int64 in 1..K.
 
         The router is run once per band of rows `y0:y1` shared by boxes (a tile row of a plan): its float64
         integral images are frame-sized, about 70 bytes per pixel, so a 4K frame in one call would need GBs.
+        Only the band is converted to float32, so an integer frame is never copied whole.
         """
         with self._lock:
             if self._router is None:
@@ -94,7 +100,7 @@ class Runner:
         rows, group = np.unique(boxes[:, [0, 2]], axis=0, return_inverse=True)
         for g, (y0, y1) in enumerate(rows):
             sel = np.flatnonzero(group.ravel() == g)
-            band = np.ascontiguousarray(frame[:, :, y0:y1], dtype=np.float32)
+            band = np.ascontiguousarray(as_unit_float(frame[:, :, y0:y1]))
             scores[sel], classes[sel] = self._route_band(band, boxes[sel] - np.array([y0, 0, y0, 0]))
         return scores, classes
 
@@ -122,11 +128,36 @@ class Runner:
         return f"{name}(worker={self.worker_index}, device={self.device!r}, providers={self.providers})"
 
 
-def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
-    """An ONNX Runtime CPU session with `threads` intra-op threads (so many sessions don't oversubscribe)."""
+_shared_arena = threading.Lock()  # held while the process-wide CPU arena is registered (once)
+_arena_registered = False
+
+
+def cpu_session_options(threads: int) -> Any:
+    """ONNX Runtime session options for CPU work: `threads` intra-op threads (so many sessions don't
+    oversubscribe the cores), and one CPU memory arena shared by every session of the process, grown only by
+    what is requested. ORT otherwise gives each session its own arena as large as its largest call, so M
+    subnet sessions and the router would hold M + 1 of them."""
     import onnxruntime as ort
 
+    global _arena_registered
+    with _shared_arena:
+        if not _arena_registered:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            try:
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+            except Exception as err:  # the embedding application registered one already: share that
+                log.debug("shared CPU arena not registered: %s", err)
+            _arena_registered = True
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+    return opts
+
+
+def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
+    """An ONNX Runtime CPU session (see `cpu_session_options`)."""
+    import onnxruntime as ort
+
+    opts = cpu_session_options(threads)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

@@ -290,6 +290,7 @@ class TrtRunner(Runner):
             precision = "fp16" if fp16 else "fp32"
         self._records = self._check_engines(precision)
         self.max_batch = min(int(r["profile"]["max"][0]) for r in self._records)
+        self.fixed_tiles = True  # engines are built for the bundle's tile (wbsr_runtime.engines.profile_shapes)
         if max_batch is not None:
             self.max_batch = max(1, min(self.max_batch, int(max_batch)))
         self.providers = [f"TensorRT {self._trt.__version__}"]
