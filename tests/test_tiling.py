@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wbsr_runtime.tiling import (
+    MIN_WINDOW,
     Stitcher,
     as_unit_float,
     extract_tiles,
@@ -117,7 +118,7 @@ def labels_for(plan, n_labels: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("max_cells", [2, 3, 4])
 @pytest.mark.parametrize("patch,overlap", [(4, 0), (5, 2), (8, 3)])
-@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (8, 9), (13, 17), (31, 29), (37, 41), (50, 23)])
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (8, 9), (13, 17), (31, 29), (37, 41), (50, 23), (17, 33)])
 def test_merged_windows_stitch_exactly(h: int, w: int, patch: int, overlap: int, max_cells: int) -> None:
     img = frame(h, w, seed=h + w)
     plan = plan_tiles(h, w, patch, overlap)
@@ -134,9 +135,11 @@ def test_merged_windows_stitch_exactly(h: int, w: int, patch: int, overlap: int,
     owned = np.zeros((h, w), dtype=int)
     ph, pw = plan.padded_shape
     for (a, b, c, d), (oy, ox), (sh, sw) in zip(merged.owned, merged.origins, merged.sizes, strict=True):
-        owned[a:c, b:d] += 1  # read exactly what is written plus `overlap` context, inside the padded frame
-        assert (oy, ox) == (max(a - overlap, 0), max(b - overlap, 0))
-        assert (oy + sh, ox + sw) == (min(c + overlap, ph), min(d + overlap, pw))
+        owned[a:c, b:d] += 1  # read what is written plus `overlap` context, inside the padded frame
+        for o, n, lo, hi, size in ((oy, sh, a, c, ph), (ox, sw, b, d, pw)):
+            lo, hi = max(lo - overlap, 0), min(hi + overlap, size)
+            assert 0 <= o <= lo and hi <= o + n <= size
+            assert n == max(hi - lo, MIN_WINDOW)  # exactly that, unless grown to the minimum
     assert (owned == 1).all()
     # No window mixes labels or exceeds max_cells cores per side.
     for (y0, x0, y1, x1), label in zip(merged.boxes, window_labels, strict=True):

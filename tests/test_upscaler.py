@@ -181,3 +181,24 @@ def test_tiny_bundle_modes_agree(tiny_bundle: Path) -> None:
             if mode == "dynamic":
                 assert 0 < up.last_stats.flops_ratio
     assert np.abs(outs["full"] - outs["whole"]).mean() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_tiny_bundle_windows_of_every_size_match_equal_tiles(tiny_bundle: Path, backend: str) -> None:
+    """Windows of every size (a 1-row owned strip: 49 = 3 x 16 + 1) on both backends that take any shape:
+    with context beyond the tiny net's receptive field (7 LR pixels), equal tiles, single tight windows and
+    merged windows all equal the whole frame up to float rounding."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    img = image(49, 35, np.float32, seed=5)
+    outs = {}
+    for merge in (0, 1, 4):
+        with Upscaler(tiny_bundle, backend=backend, mode="full", patch=16, overlap=8, merge=merge) as up:
+            outs[merge] = up.upscale(img)
+            assert up.last_stats.windows == {0: 12, 1: 12, 4: 1}[merge]  # 4 x 3 tiles
+    with Upscaler(tiny_bundle, backend=backend, mode="whole") as up:
+        whole = up.upscale(img)
+    for merge in (0, 1, 4):
+        np.testing.assert_allclose(outs[merge], whole, atol=2e-5)
+    with Upscaler(tiny_bundle, backend=backend, mode="full", patch=16, overlap=0, merge=1) as up:
+        assert up.upscale(img).shape == (196, 140, 3)  # the 1-row strip runs as a MIN_WINDOW-row window

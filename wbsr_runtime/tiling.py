@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MIN_WINDOW = 3  # the smallest window side `merge_tiles` makes: torch.export programs take h, w >= 3
+
 
 @dataclass(frozen=True)
 class TilePlan:
@@ -132,7 +134,8 @@ def merge_tiles(plan: TilePlan, labels: np.ndarray, max_cells: int) -> tuple[Til
     Runs of equal labels along each row are cut at `max_cells`, and a run that repeats the one above it
     (same columns, same label) extends that window downward, up to `max_cells` rows. A window writes the
     union of its cores' owned regions and reads that region with `overlap` context on every side, clipped to
-    the padded frame. `max_cells` = 1 keeps every tile alone but still cuts its window to what it writes.
+    the padded frame (and grown inward to MIN_WINDOW where that is smaller). `max_cells` = 1 keeps every tile
+    alone but still cuts its window to what it writes.
     """
     labels = np.asarray(labels)
     if plan.blend or plan.grid is None:
@@ -157,8 +160,11 @@ def merge_tiles(plan: TilePlan, labels: np.ndarray, max_cells: int) -> tuple[Til
     first, last = win[:, 0] * cols + win[:, 2], (win[:, 1] - 1) * cols + win[:, 3] - 1  # corner tiles
     boxes = np.concatenate([plan.boxes[first, :2], plan.boxes[last, 2:]], axis=1)
     owned = np.concatenate([plan.owned[first, :2], plan.owned[last, 2:]], axis=1)
-    origins = np.maximum(owned[:, :2] - plan.overlap, 0)
-    sizes = np.minimum(owned[:, 2:] + plan.overlap, np.array(plan.padded_shape)) - origins
+    padded = np.array(plan.padded_shape)
+    start = np.maximum(owned[:, :2] - plan.overlap, 0)
+    end = np.minimum(np.maximum(owned[:, 2:] + plan.overlap, start + MIN_WINDOW), padded)
+    origins = np.maximum(np.minimum(start, end - MIN_WINDOW), 0)
+    sizes = end - origins
     merged = TilePlan(plan.height, plan.width, plan.patch, plan.overlap, False, plan.tile, plan.pad,
                       boxes, owned, origins, sizes, None)
     return merged, grid[win[:, 0], win[:, 2]]
