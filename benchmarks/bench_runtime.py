@@ -5,7 +5,8 @@
 
 Rows: bicubic (MATLAB-compatible, `wbsr_train.data.imresize`); the full subnet on the whole frame (`mode="whole"`);
 the full subnet tiled (`mode="full"`); dynamic routing with the bundle's class -> subnet map and with two other
-tolerances (dB) or FLOPs budgets; and, when windows are merged (`--merge` >= 1, the runtime's default), the
+tolerances (dB) or FLOPs budgets; the same three with subnets ranked by their measured time instead of FLOPs
+(`cost="measured"`); and, when windows are merged (`--merge` >= 1, the runtime's default), the
 first two tiled rows once more on the grid's equal tiles (merge 0), to show what merging buys. LR inputs are
 made from the mod-cropped HR images with the same bicubic (`wbsr_train.data.load_pairs`). Metrics follow
 METHOD.md section 6 (Y channel, border crop = scale).
@@ -70,11 +71,12 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     common = {k: v for k in ("patch", "overlap", "chunk") if (v := getattr(args, k)) is not None}
     if args.backend in ("ort", "auto") and args.threads:
         common["threads"] = args.threads
+    knobs = [({"budget": b}, f"budget {b:g}") for b in args.budgets] if args.budgets else \
+        [({"tolerance": t}, f"tolerance {t:g} dB") for t in args.tolerances]
     tiled = [("full, tiled", {"mode": "full"}), ("dynamic, bundle map", {"mode": "dynamic"})]
-    if args.budgets:
-        tiled += [(f"dynamic, budget {b:g}", {"mode": "dynamic", "budget": b}) for b in args.budgets]
-    else:
-        tiled += [(f"dynamic, tolerance {t:g} dB", {"mode": "dynamic", "tolerance": t}) for t in args.tolerances]
+    tiled += [(f"dynamic, {name}", {"mode": "dynamic", **kw}) for kw, name in knobs]
+    tiled += [(f"dynamic, measured cost, {name}", {"mode": "dynamic", "cost": "measured", **kw})
+              for kw, name in [({}, "bundle tolerance"), *knobs]]
     merge = DEFAULT_MERGE if args.merge is None else args.merge
     rows = [("full, whole frame", {"mode": "whole"})] + [(label, kw | {"merge": merge}) for label, kw in tiled]
     if merge >= 1:

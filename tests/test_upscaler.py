@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -113,6 +115,34 @@ def test_tolerance_and_budget_rederive_the_map(gain_bundle: Path, tmp_path: Path
     bare = build_nearest_bundle(tmp_path / "bare", psnr_table=False)
     with pytest.raises(BundleError, match="psnr_table"):
         Upscaler(bare, backend="ort", tolerance=0.1)
+
+
+def test_measured_costs_rank_the_subnets(gain_bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from wbsr_runtime import upscaler as upscaler_mod
+
+    with Upscaler(gain_bundle, backend="ort") as up:
+        costs = upscaler_mod.measure_costs(up.runners[0], 20)
+        assert costs.shape == (3,) and (costs > 0).all()
+    # A machine where the full subnet is the fastest: every class takes it, whatever the tolerance.
+    monkeypatch.setattr(upscaler_mod, "measure_costs", lambda runner, size: np.array([3.0, 2.0, 1.0]))
+    for knob in ({"tolerance": 10.0}, {"budget": 0.5}):
+        with Upscaler(gain_bundle, backend="ort", cost="measured", **knob) as up:
+            assert up.class_map.tolist() == [2, 2, 2, 2] and up.costs.tolist() == [3.0, 2.0, 1.0]
+    with pytest.raises(BundleError, match="no calibration tolerance"):
+        Upscaler(gain_bundle, backend="ort", cost="measured")  # and no tolerance given
+    calibrated = shutil.copytree(gain_bundle, tmp_path / "calibrated")
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    manifest["routing"]["tolerance_db"] = 10.0  # manifest.json itself is not hashed
+    (calibrated / "manifest.json").write_text(json.dumps(manifest))
+    with Upscaler(calibrated, backend="ort") as up:
+        assert up.class_map.tolist() == manifest["routing"]["class_to_subnet"]  # FLOPs: the bundle's map
+    with Upscaler(calibrated, backend="ort", cost="measured") as up:
+        assert up.class_map.tolist() == [2, 2, 2, 2]  # re-derived at the bundle's tolerance
+    with pytest.raises(ValueError, match="cost"):
+        Upscaler(gain_bundle, backend="ort", cost="seconds")
+    bare = build_nearest_bundle(tmp_path / "bare", psnr_table=False)
+    with pytest.raises(BundleError, match="psnr_table"):
+        Upscaler(bare, backend="ort", cost="measured")
 
 
 def test_bad_inputs_are_refused_with_clear_errors(nn_bundle: Path) -> None:

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     knob = p.add_mutually_exclusive_group()
     knob.add_argument("--tolerance", type=float, metavar="DB", help="PSNR loss allowed per class (dB)")
     knob.add_argument("--budget", type=float, metavar="F", help="FLOPs as a fraction of the full model")
+    p.add_argument(
+        "--cost",
+        choices=("flops", "measured"),
+        help="rank subnets by FLOPs (default) or by their time measured on this backend at start-up",
+    )
     p.add_argument("--patch", type=int, metavar="P", help="LR tile core size (default: the bundle's)")
     p.add_argument("--overlap", type=int, metavar="O", help="LR context per side (default: the bundle's)")
     p.add_argument(
@@ -86,7 +91,7 @@ def _make_upscaler(args: argparse.Namespace) -> Any:
 
     kw = {
         k: getattr(args, k)
-        for k in ("tolerance", "budget", "patch", "overlap", "merge", "max_pixels")
+        for k in ("tolerance", "budget", "cost", "patch", "overlap", "merge", "max_pixels")
         if getattr(args, k) is not None
     }
     if args.bundle is None:

@@ -31,6 +31,7 @@ from .tiling import as_unit_float, merge_tiles, pad_frame, plan_tiles, route_box
 log = logging.getLogger(__name__)
 
 MODES = ("dynamic", "full", "whole")
+COSTS = ("flops", "measured")
 DEFAULT_MAX_PIXELS = 16384 * 16384  # LR pixels; 4K/8K frames pass, a decompression bomb does not
 DEFAULT_MERGE = 4  # neighbouring tiles of one subnet run as windows of up to 4 x 4 cores (README: benchmark)
 MODELS_DIR = Path(__file__).parent / "models"
@@ -93,26 +94,50 @@ def default_bundle(scale: int) -> Path:
     return path
 
 
-def class_map(manifest: Manifest, tolerance: float | None, budget: float | None) -> np.ndarray:
-    """(K,) int64 subnet of each class: the manifest's map, or re-derived from its PSNR table."""
+def class_map(
+    manifest: Manifest, tolerance: float | None, budget: float | None, costs: np.ndarray | None = None
+) -> np.ndarray:
+    """(K,) int64 subnet of each class: the manifest's map, or re-derived from its PSNR table for a tolerance
+    or a budget. `costs` (M,): rank subnets by these (e.g. measured seconds) instead of FLOPs; without a
+    tolerance or budget they re-derive the map at the bundle's own calibration tolerance."""
     if tolerance is not None and budget is not None:
-        raise ValueError("give either a tolerance (dB) or a budget (fraction of the full FLOPs), not both")
-    if tolerance is None and budget is None:
+        raise ValueError("give either a tolerance (dB) or a budget (fraction of the full model's cost), not both")
+    if tolerance is None and budget is None and costs is None:
         return np.asarray(manifest.routing.class_to_subnet, dtype=np.int64)
     table = manifest.routing.psnr_table
     if table is None:
         raise BundleError(
-            f"{manifest.root}: bundle has no psnr_table, so --tolerance/--budget can't re-derive the "
+            f"{manifest.root}: bundle has no psnr_table, so --tolerance/--budget/--cost can't re-derive the "
             "class -> subnet map; export it from a calibrated checkpoint (wbsr-calibrate)"
         )
-    if tolerance is not None:
+    if budget is None:
+        tolerance = manifest.routing.tolerance_db if tolerance is None else tolerance
+        if tolerance is None:
+            raise BundleError(f"{manifest.root}: bundle records no calibration tolerance; give a tolerance or budget")
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0 dB, got {tolerance}")
-        return routing.tolerance_map(np.asarray(table), tolerance).astype(np.int64)
+        return routing.tolerance_map(np.asarray(table), tolerance, costs).astype(np.int64)
     if not 0 < budget <= 1:
-        raise ValueError(f"budget must be a fraction of the full model's FLOPs in (0, 1], got {budget}")
-    flops = np.array([s.flops_per_patch for s in manifest.subnets], dtype=np.float64)
-    return routing.budget_map(np.asarray(table), flops, budget).astype(np.int64)
+        raise ValueError(f"budget must be a fraction of the full model's cost in (0, 1], got {budget}")
+    if costs is None:
+        costs = np.array([s.flops_per_patch for s in manifest.subnets], dtype=np.float64)
+    return routing.budget_map(np.asarray(table), costs, budget).astype(np.int64)
+
+
+def measure_costs(runner: Any, size: int, batch: int = 2, repeats: int = 3) -> np.ndarray:
+    """(M,) median seconds of each subnet of `runner` on a (batch, 3, size, size) input, after a warm-up call;
+    the subnets take turns in every repeat, so a change in machine load hits them alike."""
+    x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+    subnets = range(len(runner.manifest.subnets))
+    for m in subnets:
+        runner.run_subnet(m, x)
+    times = np.empty((repeats, len(subnets)))
+    for r in range(repeats):
+        for m in subnets:
+            t0 = time.perf_counter()
+            runner.run_subnet(m, x)
+            times[r, m] = time.perf_counter() - t0
+    return np.median(times, axis=0)
 
 
 def to_chw(image: np.ndarray) -> np.ndarray:
@@ -135,7 +160,10 @@ class Upscaler:
 
     bundle: bundle folder, or None for the shipped default of `scale` (`scale` is ignored when a bundle is
     given: the bundle's own scale applies). backend: "ort" | "torch" | "trt" | "auto". tolerance (dB) / budget
-    (fraction of the full model's FLOPs): re-derive the class -> subnet map from the bundle's PSNR table.
+    (fraction of the full model's cost): re-derive the class -> subnet map from the bundle's PSNR table.
+    cost: what "cheapest" means when deriving a map: "flops" (the bundle's) or "measured" (each subnet timed
+    on this backend at load, `measure_costs`: on real hardware time need not follow FLOPs; the map then
+    depends on those timings, and is re-derived at the bundle's tolerance when none is given).
     patch / overlap: LR core tile size and context (default: the bundle's). merge: neighbouring tiles routed
     to one subnet run as one window of up to `merge` x `merge` cores, each read as what it writes plus its
     context (`tiling.merge_tiles`; 1: every tile alone); 0: equal tiles of patch + 2 x overlap, what
@@ -153,6 +181,7 @@ class Upscaler:
         mode: str = "dynamic",
         tolerance: float | None = None,
         budget: float | None = None,
+        cost: str = "flops",
         patch: int | None = None,
         overlap: int | None = None,
         merge: int = DEFAULT_MERGE,
@@ -176,10 +205,19 @@ class Upscaler:
                 f"need patch >= 3, overlap >= 0 and merge >= 0, got patch={self.patch}, "
                 f"overlap={self.overlap}, merge={merge}"
             )
-        self.class_map = class_map(self.manifest, tolerance, budget)
+        if cost not in COSTS:
+            raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+        flops = np.array([s.flops_per_patch for s in self.manifest.subnets], dtype=np.float64)
+        # Checks the knobs (and that "measured" can re-derive a map) before any backend opens.
+        self.class_map = class_map(self.manifest, tolerance, budget, flops if cost == "measured" else None)
         self.full = len(self.manifest.subnets) - 1
         self.runners = open_runners(self.manifest, backend, workers, **backend_opts)
         self.backend = self.runners[0].name
+        self.costs: np.ndarray | None = None
+        if cost == "measured":
+            self.costs = measure_costs(self.runners[0], 2 * self.patch + 2 * self.overlap)
+            self.class_map = class_map(self.manifest, tolerance, budget, self.costs)
+            log.info("measured subnet costs (s) %s -> map %s", np.round(self.costs, 4), self.class_map.tolist())
         self.merge = 0 if any(r.fixed_tiles for r in self.runners) else merge
         self.last_stats: UpscaleStats | None = None
         self._lock = threading.Lock()
