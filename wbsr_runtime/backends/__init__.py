@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import Any
 
 from .base import BackendError, Runner
@@ -79,6 +80,8 @@ def open_runners(manifest: Any, backend: str = "auto", workers: int = 1, **opts:
                 f"the trt backend needs TensorRT and cuda-python ({err}): "
                 "pip install tensorrt cuda-python, or use --backend ort/torch"
             ) from err
+    if name == "ort" and not opts.get("threads"):  # CPU sessions: the cores shared among the workers
+        opts = {**opts, "threads": max(1, (os.cpu_count() or 1) // workers)}
     runners: list[Runner] = []
     try:
         for i in range(workers):

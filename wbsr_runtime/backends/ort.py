@@ -43,7 +43,8 @@ def _providers(device: str, device_id: int, trt_cache: Path | None, fp16: bool) 
 
 class OrtRunner(Runner):
     """ONNX Runtime runner. `device`: "cpu" | "cuda" | "tensorrt"; `fp16`: use `subnet_XX.fp16.onnx` graphs
-    where the bundle has them (fp32 in and out); `threads`: intra-op threads per session (CPU)."""
+    where the bundle has them (fp32 in and out); `threads`: intra-op threads per session (CPU; default all
+    CPUs, and `open_runners` gives each of N workers 1/N of them)."""
 
     name = "ort"
 
@@ -73,7 +74,7 @@ class OrtRunner(Runner):
                 "install onnxruntime-gpu (and uninstall onnxruntime) or use device='cpu'"
             )
         self.fp16 = fp16
-        self.threads = threads or max(1, (os.cpu_count() or 1) // 2)
+        self.threads = threads or os.cpu_count() or 1  # open_runners shares the CPUs among workers
         self._provider_list = _providers(device, device_id, Path(trt_cache) if trt_cache else None, fp16)
         self.device = "cpu" if device == "cpu" else f"{device}:{device_id}"
         self._wanted = wanted
