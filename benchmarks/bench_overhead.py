@@ -1,5 +1,6 @@
 """Where tiling costs time: the full subnet tiled (and dynamic routing) against the full subnet on the whole frame,
-over patch / context sizes, ORT threads and chunk (tiles per batched call).
+over patch / context sizes, ORT threads, chunk (tiles per batched call) and merging (`--merge`, default 0: the
+grid's equal tiles).
 
     python benchmarks/bench_overhead.py --data ../shared/data/val/Set14 --scale 4 --bundle engines/x4 \
         --tiles 32/2 32/4 48/4 64/4 64/8 --threads 1 2 --chunks 4 16 64 --limit 4
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", nargs="+", default=["32/2", "32/4", "48/4", "64/4", "64/8"], metavar="P/O")
     p.add_argument("--threads", nargs="+", type=int, default=[1], help="ORT intra-op threads per session")
     p.add_argument("--chunks", nargs="+", type=int, default=[16], help="tiles per batched call")
+    p.add_argument("--merge", type=int, default=0, help="windows of up to N x N tiles (0: equal tiles)")
     knob = p.add_mutually_exclusive_group()
     knob.add_argument("--budget", type=float, help="dynamic rows: FLOPs budget (fraction of full)")
     knob.add_argument("--tolerance", type=float, help="dynamic rows: tolerance (dB)")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> list[str]:
         for tiles in args.tiles:
             patch, overlap = map(int, tiles.split("/"))
             for chunk in args.chunks:
-                kw = dict(backend="ort", patch=patch, overlap=overlap, chunk=chunk, threads=threads)
+                kw = dict(backend="ort", patch=patch, overlap=overlap, chunk=chunk, threads=threads, merge=args.merge)
                 ups[f"{tiles}|{chunk}|full"] = Upscaler(args.bundle, mode="full", **kw)
                 if not args.no_dynamic:
                     ups[f"{tiles}|{chunk}|dynamic"] = Upscaler(args.bundle, mode="dynamic", **kw, **knob)
