@@ -6,7 +6,9 @@ For every subnet of the bundle: FLOPs per patch (% of the full subnet), mean ker
 `(1, 3, size, size)` input (% of the full subnet's), and the share of that time per operator type. Explains
 why wall time falls more slowly than FLOPs for the small subnets: the operators whose cost does not shrink
 with the convolutions (pixel shuffle = DepthToSpace, ORT's layout reorders, the bilinear skip) weigh more.
-Prints a Markdown table headed by the command line.
+`--conv-widths 8 16 24 32 48` adds a sweep of one 3 x 3 convolution (C -> C channels, on `(1, C, 2*size,
+2*size)`, as in the x4 tail) against its channel count: how time follows the channel width on this CPU.
+Prints Markdown tables headed by the command line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,35 @@ def profile(path: Path, x: np.ndarray, threads: int, calls: int) -> dict[str, fl
     return dict(per_op)
 
 
+def conv_sweep(widths: list[int], side: int, threads: int, calls: int) -> list[tuple[int, float]]:
+    """(channels, median seconds) of one 3 x 3 convolution C -> C on (1, C, side, side); calls interleaved."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    sessions = {}
+    for c in widths:
+        w = numpy_helper.from_array(rng.random((c, c, 3, 3), dtype=np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, side, side])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        x = rng.random((1, c, side, side), dtype=np.float32)
+        session.run(None, {"x": x})
+        sessions[c] = (session, x)
+    times: dict[int, list[float]] = {c: [] for c in widths}
+    for _ in range(calls):
+        for c, (session, x) in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, {"x": x})
+            times[c].append(time.perf_counter() - t0)
+    return [(c, float(np.median(times[c]))) for c in widths]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=132, help="LR input side (132 = a 4 x 4-core merged window)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--conv-widths", type=int, nargs="*", default=[], metavar="C")
     args = p.parse_args(argv)
     from wbsr_runtime.manifest import BundleError, load_manifest
 
@@ -73,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         shares = " | ".join(f"{100 * r.get(op, 0) / total:.0f}" for op in ops)
         print(f"| ({s.width}, {s.depth}) | {100 * s.flops_per_patch / full_flops:.0f} | "
               f"{100 * total / full_time:.0f} | {total / 1000:.1f} | {shares} |")
+    if args.conv_widths:
+        sweep = conv_sweep(args.conv_widths, 2 * args.size, args.threads, max(args.calls, 5))
+        ref_c, ref_t = sweep[-1]
+        print(f"\nOne 3 x 3 convolution C -> C on (1, C, {2 * args.size}, {2 * args.size}), median of "
+              f"{max(args.calls, 5)} calls:\n")
+        print(f"| channels | MACs vs {ref_c} | time vs {ref_c} | ms |\n|---|---|---|---|")
+        for c, t in sweep:
+            print(f"| {c} | {c * c / ref_c**2:.2f} | {t / ref_t:.2f} | {1000 * t:.1f} |")
     return 0
 
 
