@@ -243,16 +243,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Large frame {lg['width']}x{lg['height']} ({lg['image']}), extra memory = a + b x (input + "
-            "output bytes), from the full frame and its quarter:",
+            "output bytes), from the full frame and its quarter; 'beyond output' = extra - output bytes:",
             "",
-            "| method | extra MB, quarter | extra MB, full | a (MB) | b |",
-            "|---|---|---|---|---|",
+            "| method | extra MB, quarter | extra MB, full | a (MB) | b | beyond output MB, quarter | full |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in lg["rows"]:
             p = r["probes"]
+            beyond = {k: (p[k]["extra"] - p[k]["output_bytes"]) / MB for k in ("quarter", "full")}
             lines.append(
                 f"| {r['method']} | {p['quarter']['extra'] / MB:.0f} | {p['full']['extra'] / MB:.0f} | "
-                f"{r['const_mb']:.0f} | {r['per_io_byte']:.2f} |"
+                f"{r['const_mb']:.0f} | {r['per_io_byte']:.2f} | {beyond['quarter']:.0f} | {beyond['full']:.0f} |"
             )
     return "\n".join(lines)
 
