@@ -134,9 +134,9 @@ _arena_registered = False
 
 def cpu_session_options(threads: int) -> Any:
     """ONNX Runtime session options for CPU work: `threads` intra-op threads (so many sessions don't
-    oversubscribe the cores), and one CPU memory arena shared by every session of the process, grown only by
-    what is requested. ORT otherwise gives each session its own arena as large as its largest call, so M
-    subnet sessions and the router would hold M + 1 of them."""
+    oversubscribe the cores) that do not spin when idle, and one CPU memory arena shared by every session of
+    the process, grown only by what is requested. ORT otherwise gives each session its own arena as large as
+    its largest call, so M subnet sessions and the router would hold M + 1 of them."""
     import onnxruntime as ort
 
     global _arena_registered
@@ -152,6 +152,9 @@ def cpu_session_options(threads: int) -> Any:
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.use_env_allocators", "1")
+    # Calls alternate between the M subnet sessions; a session's idle pool threads would otherwise spin on
+    # after its call and take the cores from the next session's threads.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
