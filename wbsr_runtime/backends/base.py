@@ -132,11 +132,11 @@ _shared_arena = threading.Lock()  # held while the process-wide CPU arena is reg
 _arena_registered = False
 
 
-def cpu_session_options(threads: int) -> Any:
-    """ONNX Runtime session options for CPU work: `threads` intra-op threads (so many sessions don't
-    oversubscribe the cores) that do not spin when idle, and one CPU memory arena shared by every session of
-    the process, grown only by what is requested. ORT otherwise gives each session its own arena as large as
-    its largest call, so M subnet sessions and the router would hold M + 1 of them."""
+def session_options(threads: int) -> Any:
+    """ONNX Runtime session options, CPU side (under the GPU providers too): `threads` intra-op threads (so
+    many sessions don't oversubscribe the cores) that do not spin when idle, and one CPU memory arena shared by
+    every session of the process, grown only by what is requested. ORT otherwise gives each session its own
+    arena as large as its largest call, so M subnet sessions and the router would hold M + 1 of them."""
     import onnxruntime as ort
 
     global _arena_registered
@@ -159,8 +159,8 @@ def cpu_session_options(threads: int) -> Any:
 
 
 def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
-    """An ONNX Runtime CPU session (see `cpu_session_options`)."""
+    """An ONNX Runtime CPU session (see `session_options`)."""
     import onnxruntime as ort
 
-    opts = cpu_session_options(threads)
+    opts = session_options(threads)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

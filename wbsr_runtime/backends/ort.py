@@ -1,7 +1,7 @@
 """ONNX Runtime backend: one session per subnet per runner (ORT serialises calls on one session).
 
 CPU by default, each session capped to `threads` intra-op threads so several workers don't oversubscribe the
-cores, all sessions drawing on one shared CPU memory arena (`base.cpu_session_options`). With onnxruntime-gpu
+cores, all sessions drawing on one shared CPU memory arena (`base.session_options`). With onnxruntime-gpu
 installed, `device="cuda"` or `device="tensorrt"` asks for those execution providers explicitly; the providers a
 session actually got are checked, and a silent fallback to the CPU is refused (onnxruntime-gpu falls back
 without an error when CUDA libraries are missing).
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendError, Runner, cpu_session_options, subnet_files
+from .base import BackendError, Runner, session_options, subnet_files
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class OrtRunner(Runner):
         if self.fp16 and not files.get("onnx_fp16"):
             log.warning("bundle has no fp16 graph for subnet %d; using fp32", index)
         session = self._ort.InferenceSession(
-            str(self.manifest.path(rel)), sess_options=cpu_session_options(self.threads), providers=self._provider_list
+            str(self.manifest.path(rel)), sess_options=session_options(self.threads), providers=self._provider_list
         )
         got = session.get_providers()
         if self._wanted and self._wanted not in got:
