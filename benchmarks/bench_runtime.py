@@ -36,8 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from wbsr_runtime.upscaler import DEFAULT_MERGE
-
 PROBE = Path(__file__).with_name("memprobe.py")
 MB = 2**20
 
@@ -68,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """(label, Upscaler keyword arguments) of every runtime row; the bicubic row is handled apart."""
+    from wbsr_runtime.upscaler import DEFAULT_MERGE
+
     common = {k: v for k in ("patch", "overlap", "chunk") if (v := getattr(args, k)) is not None}
     if args.backend in ("ort", "auto") and args.threads:
         common["threads"] = args.threads

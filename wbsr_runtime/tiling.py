@@ -284,7 +284,7 @@ class Stitcher:
             raise ValueError(f"outputs {outputs.shape} do not match {len(indices)} tiles of {h}x{w}")
         hwc = self._count is None and self._dtype is not None
         if hwc:
-            outputs = to_hwc(outputs, self._dtype)  # (n, T*s, T*s, C), converted outside the lock
+            outputs = to_hwc(outputs, self._dtype)  # (n, h*s, w*s, C), converted outside the lock
         top, _, left, _ = self.plan.pad
         with self._lock:
             for j, i in enumerate(indices):
