@@ -1,32 +1,36 @@
 """Does balancing pay off? The paper's ablation and routing comparison, reproduced at small scale (issue 7).
 
-What it measures. With one preset (srresnet-compact, x4) and the same training data, iterations, batch and seeds,
-it trains these rows (checkpoints under OUT/checkpoints; a finished one is reused, a partial one resumed):
+What it measures. With one preset (--preset, default srresnet-compact; --scale, default 4) and the same training
+data, iterations, batch and seeds, it trains these rows (checkpoints under OUT/checkpoints; a finished one is
+reused, a partial one resumed):
     plain  the full network alone (uniform sampling + L1, no supernet; TrainConfig.plain)
     arm    supernet, uniform sampling + L1, one random subnet per step (ARM-style)
     hes    arm + HES sampling
     bd     arm + BDLoss (uniform sampling)
     wbsr   HES + BDLoss, routed schedule (the project's default training)
-(`--rows` also accepts hes-bd-random: HES + BDLoss with the random schedule, which isolates the schedule.)
-plain and wbsr train with every --seeds; the others with the first seed only (--all-seeds: every seed).
+(`--rows` also accepts hes-bd-random: HES + BDLoss with the random schedule, which isolates the schedule, and
+wbsr-distill: wbsr + in-place distillation, weight 1.) plain, wbsr and wbsr-distill train with every --seeds;
+the others with the first seed only (--all-seeds: every seed).
 
-Every row is evaluated on --val (x4, METHOD.md section 6) under the paper's tiling protocol (32x32 LR tiles, step
+Every row is evaluated on --val (METHOD.md section 6) under the paper's tiling protocol (32x32 LR tiles, step
 28, overlaps averaged): the full subnet (the paper's WBSR dagger), the dynamic network at the default routing
-(the calibrated map, calibrated on --calib at the default tolerance; the plain row has none), its FLOPs in the
+(the calibrated map: the MSE table measured on --calib, or on the run's held-out split with --holdout, and the
+cheapest map within the default tolerance of predicted loss; the plain row has none), its FLOPs in the
 paper's convention (2 x MACs per 32x32 patch averaged over all tiles, % of the full network), and the full
 subnet's Y-PSNR per descriptor class (the paper's Fig. 4).
 
 On the WBSR weights (every seed) it compares routing rules by Y-PSNR against average FLOPs: the paper's Eq. 15
-map; the calibrated map over a tolerance sweep; ARM's rule (a per-subnet line of tile PSNR on edge score, fitted
-on --calib, then per tile argmax of predicted PSNR - lambda x cost over a lambda sweep); random assignment with
+map; the calibrated (knapsack) map over a budget sweep; ARM's rule (a per-subnet line of tile PSNR on edge score,
+fitted on the calibration images, then per tile argmax of predicted PSNR - lambda x cost over a lambda sweep);
+random assignment with
 the same subnet histogram as the Eq. 15 / calibrated maps. Rules are read off at matched FLOPs (the default
 map's and Eq. 15's) by linear interpolation along each curve.
 
 Writes OUT/results.json, OUT/routing.png and OUT/ablation.md (also printed, with the command line). Differences
 carry the seed spread; one within it is reported as "not shown at this scale".
 
-    python benchmarks/ablation.py --data ../shared/data/train --val ../shared/data/val/Set14 \
-        --calib ../shared/data/val/Set5 --iters 2000 --seeds 0 1 --out benchmarks/results/ablation
+    python benchmarks/ablation.py --data ../shared/data/train --val ../shared/data/val/Set14 --holdout 0.25 \
+        --iters 2000 --seeds 0 1 --out benchmarks/results/ablation
 """
 
 from __future__ import annotations
@@ -49,16 +53,19 @@ import numpy as np
 from wbsr_runtime.fileio import atomic_file
 from wbsr_train.calibrate import DEFAULT_TOLERANCE_DB
 
-PRESET, SCALE = "srresnet-compact", 4
+NO_DISTILL = dict(distill=0.0)  # the paper's objective (TrainConfig's default is in-place distillation)
 ROWS = {  # name: (label, TrainConfig fields)
-    "plain": ("plain (uniform + L1, no supernet)", dict(plain=True, loss="l1", sampler="uniform", schedule="random")),
-    "arm": ("supernet, uniform + L1, random subnet (ARM-style)", dict(loss="l1", sampler="uniform", schedule="random")),
-    "hes": ("+ HES", dict(loss="l1", sampler="hes", schedule="random")),
-    "bd": ("+ BDLoss", dict(loss="bd", sampler="uniform", schedule="random")),
-    "wbsr": ("WBSR (HES + BDLoss, routed)", dict(loss="bd", sampler="hes", schedule="routed")),
-    "hes-bd-random": ("HES + BDLoss, random subnet", dict(loss="bd", sampler="hes", schedule="random")),
+    "plain": ("plain (uniform + L1, no supernet)",
+              dict(plain=True, loss="l1", sampler="uniform", schedule="random", **NO_DISTILL)),
+    "arm": ("supernet, uniform + L1, random subnet (ARM-style)",
+            dict(loss="l1", sampler="uniform", schedule="random", **NO_DISTILL)),
+    "hes": ("+ HES", dict(loss="l1", sampler="hes", schedule="random", **NO_DISTILL)),
+    "bd": ("+ BDLoss", dict(loss="bd", sampler="uniform", schedule="random", **NO_DISTILL)),
+    "wbsr": ("WBSR (HES + BDLoss, routed)", dict(loss="bd", sampler="hes", schedule="routed", **NO_DISTILL)),
+    "hes-bd-random": ("HES + BDLoss, random subnet", dict(loss="bd", sampler="hes", schedule="random", **NO_DISTILL)),
+    "wbsr-distill": ("WBSR + in-place distillation", dict(loss="bd", sampler="hes", schedule="routed", distill=1.0)),
 }
-DEFAULT_ROWS, MULTI_SEED = ("plain", "arm", "hes", "bd", "wbsr"), ("plain", "wbsr")
+DEFAULT_ROWS, MULTI_SEED = ("plain", "arm", "hes", "bd", "wbsr"), ("plain", "wbsr", "wbsr-distill")
 
 log = logging.getLogger("ablation")
 
@@ -72,9 +79,9 @@ def run_configs(a: argparse.Namespace) -> list[tuple[str, int, object]]:
         for seed in a.seeds if (row in MULTI_SEED or a.all_seeds) else a.seeds[:1]:
             out = Path(a.out) / "checkpoints" / f"{row}-seed{seed}.pt"
             runs.append((row, seed, TrainConfig(
-                preset=PRESET, scale=SCALE, data=tuple(a.data), out=str(out), iters=a.iters, batch=a.batch,
-                patch=a.patch, pool=a.pool, seed=seed, val_every=max(1, min(a.iters, 500)),
-                log_every=max(1, min(a.iters, 50)), **ROWS[row][1])))
+                preset=a.preset, scale=a.scale, data=tuple(a.data), out=str(out), iters=a.iters, batch=a.batch,
+                patch=a.patch, pool=a.pool, seed=seed, val_every=max(1, min(a.iters, 500)), lr=a.lr,
+                log_every=max(1, min(a.iters, 50)), precision=a.precision, holdout=a.holdout, **ROWS[row][1])))
     return runs
 
 
@@ -117,39 +124,40 @@ def train_all(runs: list, jobs: int) -> dict[str, dict | None]:
         return {n: f.result() for n, f in zip(names, futures, strict=True)}
 
 
-def evaluate_run(ckpt_path: str, val: list, calib: list, a, routing: bool) -> dict:
+def evaluate_run(ckpt_path: str, val_pairs: list, calib_pairs: list | None, a, routing: bool) -> dict:
     """Full subnet, dynamic at the default routing, per-class PSNR; with `routing`, every rule's curve.
 
-    Calibration runs every subnet once on the --calib tiles; the table and the default map follow
-    wbsr_train.calibrate's rule, and the same tile PSNRs fit ARM's predictor."""
-    from wbsr_runtime.routing import tolerance_map
+    Calibration (wbsr_train.calibrate: the MSE table on the runtime's grid) runs on `calib_pairs`, or on the
+    checkpoint's held-out split when None; its tile PSNRs also fit ARM's predictor."""
+    from wbsr_runtime import routing as rt
+    from wbsr_train.calibrate import mse_table
     from wbsr_train.checkpoint import load_checkpoint, supernet_from_checkpoint
     from wbsr_train.config import SubnetSpec
+    from wbsr_train.data import load_pairs_from_files
+    from wbsr_train.evaluate import PROTOCOL, RUNTIME, tiled_runs
 
     ckpt = load_checkpoint(ckpt_path)
     net = supernet_from_checkpoint(ckpt)
-    specs, flops, k_count = [SubnetSpec(*s) for s in ckpt["specs"]], ckpt["flops"], ckpt["num_classes"]
-    classes = ev.classify(val, ckpt["thresholds"])
-    assign = {"full": [np.full(len(c), len(specs) - 1) for c in classes]}
+    specs, flops, scale = [SubnetSpec(*s) for s in ckpt["specs"]], ckpt["flops"], ckpt["model_config"]["scale"]
+    runs = list(tiled_runs(net, val_pairs, specs, ckpt["thresholds"], PROTOCOL, progress="evaluate"))
+    assign = {"full": [np.full(run.plan.num_tiles, len(specs) - 1) for run in runs]}
     result: dict = {"checkpoint": ckpt_path, "specs": ckpt["specs"], "thresholds": ckpt["thresholds"]}
     rules: dict = {}
     if len(specs) > 1:
-        only = {f"subnet {m}": [np.full(len(im.scores), m) for im in calib] for m in range(len(specs))}
-        scored = ev.score_assignments(net, specs, flops, SCALE, calib, only, tile_psnr_for=only)
-        tile_psnr = np.stack([scored[n]["tile_psnr"] for n in only], axis=1)
-        table = ev.class_table(tile_psnr, np.concatenate(ev.classify(calib, ckpt["thresholds"])), k_count)
-        cmap = tolerance_map(table, a.tolerance)
-        assign["dynamic"] = [cmap[c - 1] for c in classes]
-        result["calibration"] = {"psnr_table": table.tolist(), "tolerance_db": a.tolerance,
-                                 "class_to_subnet": cmap.tolist()}
+        calib_pairs = calib_pairs or load_pairs_from_files(ckpt["holdout"], scale)
+        cal = mse_table(net, ckpt, calib_pairs)
+        cmap = rt.tolerance_map(cal["mse_table"], cal["class_freq"], np.asarray(flops, float), a.tolerance)
+        assign["dynamic"] = [cmap[run.classes - 1] for run in runs]
+        result["calibration"] = {"mse_table": cal["mse_table"].tolist(), "class_freq": cal["class_freq"].tolist(),
+                                 "tiles": cal["tiles"], "tolerance_db": a.tolerance, "class_to_subnet": cmap.tolist()}
         if routing:
-            coef = ev.arm_fit(np.concatenate([im.scores for im in calib]), tile_psnr)
-            rules = ev.routing_assignments(val, classes, table, coef, flops, a.random_draws, seed=0)
+            calib_runs = list(tiled_runs(net, calib_pairs, specs, ckpt["thresholds"], RUNTIME, progress="arm fit"))
+            coef = ev.arm_fit(np.concatenate([r.scores for r in calib_runs]), ev.tile_psnr(calib_runs, scale))
+            rules = ev.routing_assignments(runs, cal, coef, flops, a.random_draws, seed=0)
             result["arm_fit"] = coef.tolist()
     everything = {**assign, **{n: r["assign"] for n, r in rules.items()}}
-    scored = ev.score_assignments(net, specs, flops, SCALE, val, everything, ssim_for=("full", "dynamic"),
-                                  tile_psnr_for=("full",))
-    result["per_class"] = ev.per_class(scored["full"].pop("tile_psnr"), classes, k_count)
+    scored = ev.score_assignments(runs, flops, scale, everything, ssim_for=("full", "dynamic"))
+    result["per_class"] = ev.per_class(runs, scale, ckpt["num_classes"])
     result.update({k: scored[k] for k in assign})
     if rules:
         result["routing"] = ev.routing_curves(rules, scored)
@@ -186,30 +194,37 @@ def study(a: argparse.Namespace) -> str:
     t0 = time.time()
     seconds = train_all(runs, a.jobs)
     train_s = time.time() - t0
-    val_pairs = load_pairs(a.val, SCALE)
-    val, calib = ev.tile_images(val_pairs), ev.tile_images(load_pairs(a.calib or a.val, SCALE))
+    val_pairs = load_pairs(a.val, a.scale)
+    calib_pairs = load_pairs(a.calib, a.scale) if a.calib else None
     rows: dict[str, dict] = {}
     t1 = time.time()
     for row, seed, cfg in runs:
         log.info("evaluating %s seed %d", row, seed)
-        e = evaluate_run(cfg.out, val, calib, a, routing=row == "wbsr")
+        e = evaluate_run(cfg.out, val_pairs, calib_pairs, a, routing=row == "wbsr")
         e["training_time"] = seconds.get(Path(cfg.out).stem)
         rows.setdefault(row, {"label": ROWS[row][0], "seeds": {}})["seeds"][seed] = e
     eval_s = time.time() - t1
     labels = {r: ROWS[r][0] for r in rows}
-    disjoint = a.calib is not None and Path(a.calib).resolve() != Path(a.val).resolve()
-    calib_note = a.calib if disjoint else f"{a.calib or a.val} (NOT disjoint from val: dynamic rows optimistic)"
+    base = "plain" if "plain" in rows else a.rows[0]  # what the other rows are compared with
+    sup = "arm" if "arm" in rows else a.rows[0]
+    if a.calib is None:
+        calib_note = f"the held-out {a.holdout:g} of the training images (runtime grid)"
+    elif Path(a.calib).resolve() != Path(a.val).resolve():
+        calib_note = a.calib
+    else:
+        calib_note = f"{a.calib} (NOT disjoint from val: dynamic rows optimistic)"
     command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     md = [f"`{command}`", "",
-          f"{PRESET} x{SCALE}; {a.iters} iterations, batch {a.batch}, LR patch {a.patch}; train {list(a.data)}; "
-          f"val {a.val} ({len(val)} images, {sum(len(im.scores) for im in val)} tiles); calibration "
+          f"{a.preset} x{a.scale}; {a.iters} iterations, batch {a.batch}, LR patch {a.patch}, lr {a.lr:g}, "
+          f"{a.precision}; train {list(a.data)}; val {a.val} ({len(val_pairs)} images); calibration "
           f"{calib_note} at tolerance {a.tolerance} dB. "
           f"Values: mean [min, max] over seeds. Training {train_s:.0f} s, evaluation {eval_s:.0f} s.", "",
           "Training time per run (None: reused checkpoint): " + ", ".join(
               f"{n} {t['seconds']:.0f} s ({t['s_per_iter']:.2f} s/iter)" if t else f"{n} None"
               for n, t in seconds.items()), "",
-          "### Ablation (Y-PSNR dB, val, protocol tiling)", "", *rep.ablation_table(rows, labels), "",
-          "### Full subnet's Y-PSNR per descriptor class (Fig. 4)", "", *rep.per_class_table(rows, labels)]
+          "### Ablation (Y-PSNR dB, val, protocol tiling)", "", *rep.ablation_table(rows, labels, base, sup), "",
+          "### Full subnet's Y-PSNR per descriptor class (Fig. 4)", "",
+          *rep.per_class_table(rows, labels, a=a.rows[-1], b=base)]
     results = {"command": command, "args": vars(a), "train_seconds_total": train_s, "eval_seconds": eval_s,
                "rows": rows}
     if "wbsr" in rows:
@@ -231,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", action="append", required=True, help="HR training folder (repeatable)")
     p.add_argument("--val", required=True, help="evaluation set (Set14)")
-    p.add_argument("--calib", help="calibration set, disjoint from --val (Set5); default: --val, flagged")
+    p.add_argument("--calib", help="calibration set, disjoint from --val; default: the held-out split (--holdout)")
+    p.add_argument("--preset", default="srresnet-compact")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction of training images held out to calibrate")
     p.add_argument("--iters", type=int, required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="benchmarks/results/ablation")
@@ -249,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(folder).is_dir():
             print(f"error: {folder}: no such folder", file=sys.stderr)
             return 2
-    if a.calib is None or Path(a.calib).resolve() == Path(a.val).resolve():
+    if a.calib is None and a.holdout <= 0:
+        print("error: give --calib DIR or --holdout F (a calibration split)", file=sys.stderr)
+        return 2
+    if a.calib is not None and Path(a.calib).resolve() == Path(a.val).resolve():
         log.warning("calibrating on the --val set: the dynamic rows will be optimistic")
     try:
         print(study(a))

@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="folder of HR images (or a set with HR/)")
     p.add_argument("--scale", required=True, type=int)
     p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--imdn", type=Path, metavar="PTH",
+                   help="IMDN's published weights (IMDN_x{S}.pth): a row of IMDN on the whole frame, ORT, same threads")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="another bundle (e.g. the previous default) whose whole-frame and bundle-map rows join the run")
     p.add_argument("--backend", default="ort", choices=("ort", "torch", "trt", "auto"))
     knob = p.add_mutually_exclusive_group()
     knob.add_argument("--tolerances", type=float, nargs="+", default=[0.05, 0.2], metavar="DB")
@@ -64,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """(label, Upscaler keyword arguments) of every runtime row; the bicubic row is handled apart."""
+def _rows(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(label, bundle, Upscaler keyword arguments) of every runtime row; the bicubic row is handled apart."""
     from wbsr_runtime.upscaler import DEFAULT_MERGE
 
     common = {k: v for k in ("patch", "overlap", "chunk") if (v := getattr(args, k)) is not None}
@@ -81,7 +85,38 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     rows = [("full, whole frame", {"mode": "whole"})] + [(label, kw | {"merge": merge}) for label, kw in tiled]
     if merge >= 1:
         rows += [(f"{label}, equal tiles (merge 0)", kw | {"merge": 0}) for label, kw in tiled[:2]]
-    return [(label, {"backend": args.backend, **common, **kw}) for label, kw in rows]
+    out = [(label, args.bundle, {"backend": args.backend, **common, **kw}) for label, kw in rows]
+    if args.baseline is not None:
+        base = [("full, whole frame", {"mode": "whole"}), ("dynamic, bundle map", {"mode": "dynamic", "merge": merge})]
+        out += [(f"{args.baseline.name}: {label}", args.baseline, {"backend": args.backend, **common, **kw})
+                for label, kw in base]
+    return out
+
+
+class OnnxWhole:
+    """A plain ONNX SR model (RGB in [0, 1]) on the whole frame through ONNX Runtime CPU, with the runtime's
+    session options: the compact model users would pick instead, timed like the whole-frame row."""
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        from wbsr_runtime.backends.base import session_options
+
+        self.session = ort.InferenceSession(str(path), session_options(threads or os.cpu_count() or 1),
+                                            providers=["CPUExecutionProvider"])
+        self.last_stats = None
+
+    def upscale(self, lr: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+        y = self.session.run(None, {"lr": x})[0][0]
+        return (np.clip(y, 0, 1) * 255.0).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def _imdn(args: argparse.Namespace, folder: Path) -> OnnxWhole:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from imdn import export_onnx, load_imdn
+
+    return OnnxWhole(export_onnx(load_imdn(args.imdn, args.scale), folder / "imdn.onnx"), args.threads)
 
 
 def _scores(sr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float]:
@@ -104,8 +139,10 @@ def _time_image(lr: np.ndarray, scale: int, ups: list[Any], repeats: int) -> lis
         return imresize(lr, scale), time.perf_counter() - t0, None
 
     def runtime(up: Any) -> tuple[np.ndarray, float, Any]:
+        t0 = time.perf_counter()
         out = up.upscale(lr)
-        return out, up.last_stats.total_s, up.last_stats
+        stats = getattr(up, "last_stats", None)
+        return out, stats.total_s if stats is not None else time.perf_counter() - t0, stats
 
     calls = [bicubic] + [lambda up=up: runtime(up) for up in ups]
     for call in calls:  # warm-up: sessions load, ORT plans this input shape
@@ -140,6 +177,9 @@ def _summarise(label: str, per_image: list[dict[str, Any]], flops_pp: np.ndarray
     parts["other"] = sum(s.total_s for s in stats) - sum(parts.values())  # to/from float, clamp
     row["shares_pct"] = {k: 100.0 * v / sum(s.total_s for s in stats) for k, v in parts.items()}
     row["patch"], row["overlap"] = stats[0].patch, stats[0].overlap
+    row["predicted_loss_db"], row["predicted_cost_pct"] = stats[0].predicted_loss_db, stats[0].predicted_cost
+    if row["predicted_cost_pct"] is not None:
+        row["predicted_cost_pct"] *= 100.0
     return row
 
 
@@ -159,7 +199,7 @@ def _probe(frame: np.ndarray, bundle: Path, opts: dict[str, Any]) -> dict[str, A
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _large(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def _large(args: argparse.Namespace, rows: list[tuple[str, Path, dict[str, Any]]]) -> dict[str, Any]:
     """Memory of the tiled rows on a large frame and on its quarter: extra = a + b * (input + output bytes)."""
     from wbsr_train.data import read_image
 
@@ -175,10 +215,10 @@ def _large(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]]) -> 
     )
     crops = {"full": frame, "quarter": np.ascontiguousarray(frame[: h // 2, : w // 2])}
     result: dict[str, Any] = {"image": str(args.large), "width": w, "height": h, "rows": []}
-    for label, opts in rows:
-        if opts["mode"] == "whole":
+    for label, bundle, opts in rows:
+        if opts["mode"] == "whole" or bundle != args.bundle:
             continue  # whole-frame activations grow with the frame by design; not what this checks
-        m = {name: _probe(c, args.bundle, opts) for name, c in crops.items()}
+        m = {name: _probe(c, bundle, opts) for name, c in crops.items()}
         io = {k: v["input_bytes"] + v["output_bytes"] for k, v in m.items()}
         b = (m["full"]["extra"] - m["quarter"]["extra"]) / (io["full"] - io["quarter"])
         a = m["full"]["extra"] - b * io["full"]
@@ -218,25 +258,27 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: the command line, then one table row per method."""
-    whole = next(r["time_s"] for r in report["rows"] if r["method"] == "full, whole frame")
+    whole = next(r for r in report["rows"] if r["method"] == "full, whole frame")
     lines = [
         f"`{report['command']}`",
         "",
         f"{report['images']} images, x{report['scale']}, backend {report['backend']}, patch "
         f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats",
         "",
-        "| method | Y-PSNR | SSIM | FLOPs paper % | FLOPs exec % | time s | x whole | "
-        "router / subnets / tiling / other % | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | Y-PSNR | dB vs whole | predicted dB | SSIM | FLOPs paper % | FLOPs exec % | predicted cost % "
+        "| time s | x whole | router / subnets / tiling / other % | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         sh = r.get("shares_pct")
         shares = "-" if sh is None else " / ".join(f"{sh[k]:.0f}" for k in ("router", "subnets", "tiling", "other"))
         mem = r.get("memory")
+        loss = r.get("predicted_loss_db")
         lines.append(
-            f"| {r['method']} | {r['psnr_y']:.3f} | {r['ssim_y']:.4f} | {_fmt(r['flops_paper_pct'], '.1f')} "
-            f"| {_fmt(r['flops_exec_pct'], '.1f')} | {r['time_s']:.2f} | {r['time_s'] / whole:.2f} | "
-            f"{shares} | {_fmt(mem and mem['extra'] / MB, '.0f')} |"
+            f"| {r['method']} | {r['psnr_y']:.3f} | {r['psnr_y'] - whole['psnr_y']:+.3f} | "
+            f"{_fmt(loss and -loss, '+.3f')} | {r['ssim_y']:.4f} | {_fmt(r['flops_paper_pct'], '.1f')} "
+            f"| {_fmt(r['flops_exec_pct'], '.1f')} | {_fmt(r.get('predicted_cost_pct'), '.1f')} | {r['time_s']:.2f} "
+            f"| {r['time_s'] / whole['time_s']:.2f} | {shares} | {_fmt(mem and mem['extra'] / MB, '.0f')} |"
         )
     if report.get("large"):
         lg = report["large"]
@@ -267,24 +309,29 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     rows = _rows(args)
     pairs = load_pairs(args.data, args.scale)[: args.limit]
-    per_row: list[list[dict[str, Any]]] = [[] for _ in range(len(rows) + 1)]
+    per_row: list[list[dict[str, Any]]] = [[] for _ in range(len(rows) + 1 + bool(args.imdn))]
     with ExitStack() as stack:
-        ups = [stack.enter_context(Upscaler(args.bundle, **kw)) for _, kw in rows]
+        ups = [stack.enter_context(Upscaler(bundle, **kw)) for _, bundle, kw in rows]
+        if args.imdn:
+            ups.append(_imdn(args, Path(stack.enter_context(tempfile.TemporaryDirectory()))))
         if ups[0].scale != args.scale:
             raise ValueError(f"bundle {args.bundle} is x{ups[0].scale}, --scale is {args.scale}")
-        flops_pp = np.array([s.flops_per_patch for s in ups[0].manifest.subnets], dtype=np.float64)
-        maps = [u.class_map.tolist() for u in ups]
+        flops_pp = [np.array([s.flops_per_patch for s in u.manifest.subnets], dtype=np.float64) for u in ups]
+        maps = [u.class_map.tolist() for u in ups[: len(rows)]]
         for name, lr, hr in tqdm(pairs, desc="images", file=sys.stderr):
             for i, res in enumerate(_time_image(lr, args.scale, ups, args.repeats)):
                 per_row[i].append({"name": name, **_scores(res.pop("output"), hr, args.scale), **res})
         backend, patch, overlap = ups[0].backend, ups[1].patch, ups[1].overlap
     report_rows = [_summarise("bicubic", per_row[0], None)]
     report_rows += [
-        _summarise(label, per_row[i + 1], flops_pp) | {"class_to_subnet": maps[i]} for i, (label, _) in enumerate(rows)
+        _summarise(label, per_row[i + 1], flops_pp[i]) | {"class_to_subnet": maps[i], "bundle": str(bundle)}
+        for i, (label, bundle, _) in enumerate(rows)
     ]
+    if args.imdn:
+        report_rows.append(_summarise("IMDN (Hui et al. 2019), whole frame", per_row[-1], None))
     biggest = max(pairs, key=lambda p: p[1].shape[0] * p[1].shape[1])
-    for r, (_, kw) in zip(report_rows[1:], rows, strict=True):
-        r["memory"] = _probe(biggest[1], args.bundle, kw) | {"image": biggest[0]}
+    for r, (_, bundle, kw) in zip(report_rows[1 : 1 + len(rows)], rows, strict=True):
+        r["memory"] = _probe(biggest[1], bundle, kw) | {"image": biggest[0]}
     for r, results in zip(report_rows, per_row, strict=True):
         r["per_image"] = [{k: v for k, v in x.items() if k != "stats"} for x in results]
     return {

@@ -6,6 +6,8 @@ No torch import at module level: runtime tests run without torch, and the fixtur
 from __future__ import annotations
 
 import functools
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,18 @@ def set5_images() -> tuple[np.ndarray, ...]:
     for img in images:
         img.flags.writeable = False
     return images
+
+
+def refused_with_peak(call: Callable[[], object], error: type[Exception], match: str) -> tuple[str, int]:
+    """Run `call`, which must raise `error` matching `match`: (its message, peak bytes Python allocated)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(error, match=match) as e:
+            call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(e.value), peak
 
 
 def textured_images(count: int = 3, size: int = 96, seed: int = 0) -> list[np.ndarray]:
@@ -68,19 +82,23 @@ def tiny_checkpoint_dict(
     )
     pool = torch.cat([patch_scores(patches), patch_scores(torch.rand(8, 3, 32, 32) * 0.2)])
     thresholds = thresholds_from_pool(pool, NUM_CLASSES)
+    flops = [count_flops(cfg, s) for s in specs]
     m = len(specs)
-    table = np.array([[30.0 - 0.4 * k + 0.05 * k * j for j in range(m)] for k in range(NUM_CLASSES)])
+    mse = np.array([[40.0 * (1 + k) * (1.2 - 0.05 * j) for j in range(m)] for k in range(NUM_CLASSES)])
+    freq = np.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
     calibration = {
-        "psnr_table": table.tolist(),
+        "mse_table": mse.tolist(),
+        "class_freq": freq.tolist(),
         "tolerance_db": 0.1,
-        "class_to_subnet": tolerance_map(table, 0.1).tolist(),
+        "budget": None,
+        "class_to_subnet": tolerance_map(mse, freq, np.array(flops, float), 0.1).tolist(),
     }
     return {
         "model_config": to_dict(cfg),
         "train_config": None,
         "model": net.state_dict(),
         "specs": [list(s) for s in specs],
-        "flops": [count_flops(cfg, s) for s in specs],
+        "flops": flops,
         "num_classes": NUM_CLASSES,
         "thresholds": thresholds.tolist(),
         "calibration": calibration if calibrated else None,

@@ -119,7 +119,7 @@ def build_nearest_bundle(
     patch: int = 8,
     overlap: int = 2,
     torch: bool = False,
-    psnr_table: bool = True,
+    calibrated: bool = True,
 ) -> Path:
     """Write the bundle to `out` (created) and return it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -144,10 +144,12 @@ def build_nearest_bundle(
             }
         )
     n = len(gains)
-    table = [[30.0 - 0.5 * c + 0.1 * c * j for j in range(n)] for c in range(k)] if psnr_table else None
+    # An MSE table made from PSNRs that rise with cost for every class but the first (flat) one.
+    psnr = [[30.0 - 0.5 * c + 0.1 * c * j for j in range(n)] for c in range(k)]
+    table = [[255.0**2 / 10 ** (v / 10) for v in row] for row in psnr] if calibrated else None
     manifest = {
         "format": "wbsr-bundle",
-        "schema_version": 1,
+        "schema_version": 2,
         "name": "nearest",
         "scale": scale,
         "model": {},
@@ -164,8 +166,10 @@ def build_nearest_bundle(
         },
         "subnets": subnets,
         "routing": {
-            "psnr_table": table,
+            "mse_table": table,
+            "class_freq": [1.0 / k] * k if calibrated else None,
             "tolerance_db": None,
+            "budget": None,
             "class_to_subnet": [min(c, n - 1) for c in range(k)],
         },
         "engines": [],

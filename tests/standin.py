@@ -20,7 +20,8 @@ class NearestUpscaler:
     """`upscale((H, W, 3) uint8/uint16/float32) -> (H*s, W*s, 3)` by pixel repetition; 8x8 tiles, subnet by
     tile index; `fail_on` raises that exception on that call number (0-based); `delay` sleeps per call."""
 
-    manifest = SimpleNamespace(subnets=[0, 1, 2])  # only len(manifest.subnets) is used
+    manifest = SimpleNamespace(subnets=[SimpleNamespace(width=8 * (m + 1), depth=1) for m in range(3)])
+    costs, cost = np.array([1.0, 2.0, 4.0]), "flops"  # what the routing map's legend reads
 
     def __init__(self, scale: int = 2, fail_on: tuple[int, BaseException] | None = None, delay: float = 0.0):
         self.scale, self.fail_on, self.delay, self.calls = scale, fail_on, delay, 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,10 @@ from wbsr_runtime.routing import classify
 
 
 def _has(mod: str) -> bool:
-    return importlib.util.find_spec(mod) is not None
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _cuda() -> bool:
@@ -26,24 +32,41 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _ort_has(provider: str) -> bool:
+    import onnxruntime as ort
+
+    return provider in ort.get_available_providers()
+
+
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")]
 CASES = [
     pytest.param("ort", {}, id="ort-cpu"),
     pytest.param("torch", {}, id="torch-cpu", marks=pytest.mark.skipif(not _has("torch"), reason="no torch")),
+    pytest.param("torch", {"device": "cuda"}, id="torch-cuda", marks=GPU),
     pytest.param(
-        "torch",
+        "ort",
         {"device": "cuda"},
-        id="torch-cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")],
+        id="ort-cuda",
+        marks=[*GPU, pytest.mark.skipif(not _ort_has("CUDAExecutionProvider"), reason="no onnxruntime-gpu")],
+    ),
+    pytest.param(
+        "ort",
+        {"device": "cuda", "tensorrt": True},
+        id="ort-tensorrt",
+        marks=[*GPU, pytest.mark.skipif(not _ort_has("TensorrtExecutionProvider"), reason="no ORT TensorRT EP")],
+    ),
+    pytest.param("trt", {"stack": "fake"}, id="trt-standin-cpu"),
+    pytest.param(
+        "trt",
+        {"stack": "cupy"},
+        id="trt-standin-cupy",
+        marks=[*GPU, pytest.mark.skipif(not (_has("cupy") and _has("cuda.bindings")), reason="no CuPy/cuda-python")],
     ),
     pytest.param(
         "trt",
         {},
         id="trt",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.trt,
-            pytest.mark.skipif(not _has("tensorrt"), reason="no TensorRT"),
-        ],
+        marks=[*GPU, pytest.mark.trt, pytest.mark.skipif(not _has("tensorrt"), reason="no TensorRT")],
     ),
 ]
 
@@ -53,6 +76,37 @@ def gain_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_nearest_bundle(
         tmp_path_factory.mktemp("conf") / "b", scale=3, gains=(1.0, 2.0, 0.5), torch=_has("torch")
     )
+
+
+@contextlib.contextmanager
+def backend_stack(backend: str, opts: dict, bundle: Path, tmp_path: Path) -> Iterator[tuple[Path, dict]]:
+    """(bundle, runner options) for one case: TensorRT cases get engines in a copy of the bundle, built by
+    wbsr-export's code with real TensorRT, or with the stand-in on FakeCudart (CPU) or cuda-python + CuPy."""
+    opts = dict(opts)
+    stack = opts.pop("stack", None)
+    if backend != "trt":
+        yield bundle, opts
+        return
+    copy = Path(shutil.copytree(bundle, tmp_path / "engines"))
+    if stack is None:
+        from wbsr_export.attach import add_engines
+
+        add_engines(copy, precision="fp32", max_batch=4)
+        yield copy, opts
+        return
+    from tests.trt_standin import CupyKernel, FakeCudart, StandinTensorRT, add_standin_engines, installed
+
+    if stack == "fake":
+        cudart = FakeCudart()
+        trt = StandinTensorRT(cudart)
+    else:
+        from cuda.bindings import runtime as cudart
+
+        trt = StandinTensorRT(cudart, CupyKernel())
+    add_standin_engines(copy, trt, cudart, max_batch=4)
+    with installed(trt, cudart):
+        yield copy, opts
+    assert getattr(cudart, "violations", []) == [] and trt.violations == []
 
 
 def numpy_scores(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -69,17 +123,25 @@ def numpy_scores(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("backend,opts", CASES)
 def test_backend_conformance(
-    backend: str, opts: dict, gain_bundle: Path, request: pytest.FixtureRequest
+    backend: str, opts: dict, gain_bundle: Path, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    with backend_stack(backend, opts, gain_bundle, tmp_path) as (bundle, opts):
+        check_backend(backend, opts, load_manifest(bundle), request)
+
+
+def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureRequest) -> None:
     rng = np.random.default_rng(0)
-    manifest = load_manifest(gain_bundle)
     runners = open_runners(manifest, backend, workers=2, **opts)
     assert len(runners) == 2
     for runner in runners:
         with runner:
             assert runner.name == backend and runner.device
+            shapes = [(1, 3, 5, 7), (3, 3, 12, 12)]
+            if runner.tiling is not None:  # bound to one tile: only (n, 3, T, T), 1 <= n <= max_batch
+                tile = runner.tiling[0] + 2 * runner.tiling[1]
+                shapes = [(1, 3, tile, tile), (min(3, runner.max_batch), 3, tile, tile)]
             for m, gain in enumerate((1.0, 2.0, 0.5)):
-                for shape in [(1, 3, 5, 7), (3, 3, 12, 12)]:
+                for shape in shapes:
                     batch = rng.random(shape, dtype=np.float32)
                     out = runner.run_subnet(m, batch)
                     assert out.dtype == np.float32 and out.shape == (*shape[:2], shape[2] * 3, shape[3] * 3)
@@ -94,7 +156,7 @@ def test_backend_conformance(
             np.testing.assert_array_equal(classes, classify(scores, manifest.router.thresholds))
 
     # The real exported bundle (needs torch to build): subnets against ORT CPU, router against the spec.
-    if not _has("torch"):
+    if not _has("torch") or runners[0].tiling is not None:  # engines are built for the gain bundle only
         return
     tiny = load_manifest(request.getfixturevalue("tiny_bundle"))
     import onnxruntime as ort
@@ -120,5 +182,6 @@ def test_unknown_or_unavailable_backends_fail_in_one_line(gain_bundle: Path) -> 
     if not _has("tensorrt"):
         with pytest.raises(BackendError, match="pip install tensorrt"):
             open_runners(manifest, "trt")
-    with pytest.raises(BackendError, match="onnxruntime-gpu"):
-        open_runners(manifest, "ort", device="cuda")
+    if not _ort_has("CUDAExecutionProvider"):  # a GPU machine with onnxruntime-gpu runs it
+        with pytest.raises(BackendError, match="onnxruntime-gpu"):
+            open_runners(manifest, "ort", device="cuda")

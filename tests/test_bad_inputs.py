@@ -1,4 +1,5 @@
-"""Issue 6, bad input: a corpus of >= 100 broken, odd and hostile files, generated here, through `wbsr-run`.
+"""Issues 6 and 13, bad input: a corpus of >= 100 broken, odd and hostile files, generated here, through
+`wbsr-run`.
 
 Every input gives either a correct output or exit 2 with one line on stderr naming the file (then the count
 line); never a traceback, a hang, a partial output or a leftover temporary file, and the input is untouched.
@@ -27,6 +28,7 @@ from PIL import ImageOps
 from tests.nearest_bundle import build_nearest_bundle
 from wbsr_runtime import cli
 from wbsr_runtime.media import Image, _png16_bytes, read_image, upscale_alpha, write_image
+from wbsr_runtime.plan import out_name
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 2  # the bundle's scale
@@ -125,6 +127,22 @@ def _clip(**kw: object) -> Callable[[Path], None]:
     return make
 
 
+def _frames(fmt: str, count: int = 3, **kw: object) -> Callable[[Path], None]:
+    """An animation (GIF, APNG) or a multi-page TIFF of `count` different frames."""
+
+    def make(p: Path) -> None:
+        frames = [PILImage.fromarray(_noise(8, 10, seed=i)) for i in range(count)]
+        frames[0].save(p, format=fmt, save_all=True, append_images=frames[1:], **kw)
+
+    return make
+
+
+def _size_change(p: Path) -> None:
+    from tests.test_video import make_size_change_clip
+
+    make_size_change_clip(p)
+
+
 def _clip_bytes(ext: str, edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     def make(p: Path) -> None:
         full = p.with_name(f"full{ext}")
@@ -195,6 +213,16 @@ def video_ok(src: Path, out: Path) -> None:
     with av.open(str(out)) as c:
         frames = list(c.decode(video=0))
     assert frames and (frames[0].width, frames[0].height) == size
+
+
+def same_video(src: Path, out: Path) -> None:
+    """Every frame, at the source's times and rate, upright the same way, with its audio: nothing dropped."""
+    from tests.test_video import probe
+
+    video_ok(src, out)
+    a, b = probe(src), probe(out)
+    assert (b["frames"], b["rate"], b["rotation"], b["audio"]) == (a["frames"], a["rate"], a["rotation"], a["audio"])
+    np.testing.assert_allclose(b["times"], a["times"], atol=2e-3)
 
 
 # --- the corpus ---------------------------------------------------------------------------------------------
@@ -297,6 +325,16 @@ def _hostile() -> list[Case]:
         Case("dangling.png", lambda p: p.symlink_to(p.with_name("nowhere.png")), msg="no such file"),
         Case("fifo.png", lambda p: os.mkfifo(p), msg="not a regular file"),  # must not hang on open
         Case("fifo.mp4", lambda p: os.mkfifo(p), msg="not a regular file"),
+        # issue 13: symlink loops and an empty folder named like an image are reported, the run goes on
+        Case("loop.png", lambda p: p.symlink_to(p.name), msg="symlink loop"),
+        Case("loop_a.jpg", lambda p: (p.symlink_to("loop_b.jpg"), p.with_name("loop_b.jpg").symlink_to(p.name)),
+             msg="symlink loop"),
+        Case("adir.png", lambda p: p.mkdir(), msg="folder holds no image or video"),
+        # animations and multi-page files: every frame or none, never the first one silently
+        Case("anim_gif.gif", _frames("GIF", duration=100, loop=0), msg="3 frames"),
+        Case("anim.png", _frames("PNG", duration=100), msg="3 frames"),  # APNG
+        Case("anim.webp", _frames("WEBP", lossless=True), msg="3 frames"),
+        Case("pages.tif", _frames("TIFF", 2), msg="2 frames"),
     ]
     return cases
 
@@ -318,6 +356,14 @@ def _videos() -> list[Case]:
         Case("garbage_mid.mp4", _clip_bytes(".mp4", garbage_middle), video_ok, may_fail=True),
         Case("garbage_mid.mkv", _clip_bytes(".mkv", garbage_middle), video_ok, may_fail=True),
     ]
+    cases += [  # issue 13: every listed container round-trips (AVI at its rate, WebM as VP9), rotation kept
+        Case(f"rate10{ext}", _clip(frames=10, rate=10), same_video) for ext in (".mp4", ".mkv", ".mov", ".avi", ".webm")
+    ]
+    cases += [
+        Case("rotated90.mp4", _clip(rotation=90), same_video),
+        Case("rotated180.mkv", _clip(rotation=180), same_video),
+        Case("size_change.mkv", _size_change, msg="frame size changes at frame 5"),
+    ]
     for ext in (".mp4", ".mkv"):
         cases += [
             Case(f"vtrunc{int(f * 100)}{ext}", _clip_bytes(ext, lambda d, f=f: d[: int(len(d) * f)]), video_ok, True)
@@ -333,7 +379,7 @@ def test_corpus_is_large_and_outputs_do_not_collide() -> None:
     assert len(CORPUS) >= 100
     names = [c.name for c in CORPUS]
     assert len(set(names)) == len(names)
-    outs = [cli._out_name(Path(n)) for n in names]
+    outs = [out_name(Path(n)) for n in names]
     assert len(set(outs)) == len(outs)  # so the whole corpus can run as one batch into one folder
 
 
@@ -345,7 +391,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _needs(case: Case) -> None:
-    if case.name.endswith((".mp4", ".mkv")) or case.name.startswith("clip_as"):
+    if case.name.endswith((".mp4", ".mkv", ".mov", ".avi", ".webm")) or case.name.startswith("clip_as"):
         pytest.importorskip("av")
     if "fifo" in case.name and not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs here")
@@ -370,7 +416,7 @@ def test_bad_input_fails_by_name_or_gives_a_correct_output(
     assert (src.read_bytes() if src.is_file() else None) == before  # the input is never touched
     if code == 0:
         assert case.check is not None, f"{case.name} was accepted: {captured.out.strip()}"
-        assert written == [cli._out_name(src)], "exactly the output, no temporary files"
+        assert written == [out_name(src)], "exactly the output, no temporary files"
         assert all(str(src) in line and "error" not in line for line in err), err  # warnings: one line, named
         case.check(src, out / written[0])
     else:
@@ -407,6 +453,6 @@ def test_whole_corpus_in_one_subprocess_run(bundle: Path, tmp_path: Path) -> Non
     named = [s for s in srcs if any(f"{s}:" in line for line in failed)]
     assert len(named) == len(failed)  # each error line names one input
     for s in srcs:  # and each input either failed by name or has its output
-        assert (s in named) != (cli._out_name(s) in written), s.name
+        assert (s in named) != (out_name(s) in written), s.name
     assert "good.png" in written and len(failed) >= 50
     assert sum(1 for c in CORPUS if c.check is None) <= len(failed)

@@ -94,7 +94,8 @@ def test_single_routing_map_and_stats(tmp_path: Path, standin: None) -> None:
         cli.main([str(src), "-o", str(tmp_path / "b.png"), "--routing-map", str(rmap), "--stats", str(stats)])
         == 0
     )
-    assert np.asarray(PILImage.open(rmap)).shape == (24, 32, 3)
+    drawn = np.asarray(PILImage.open(rmap))
+    assert drawn.shape[1:] == (32, 3) and drawn.shape[0] >= 24 + 3 * 16  # the image, then one legend row each
     assert json.loads(stats.read_text())["patches_per_subnet"] == [2, 1, 1]
     assert cli.main([str(src), "-o", str(tmp_path / "c.png"), "--stats", str(stats)]) == 2  # exists
 

@@ -22,6 +22,7 @@ from wbsr_export.bundle import export_bundle  # noqa: E402
 from wbsr_export.cli import main  # noqa: E402
 from wbsr_export.onnx import OPSET, export_router_onnx  # noqa: E402
 from wbsr_export.slice import extract_subnet  # noqa: E402
+from wbsr_export.trt import EngineBuild  # noqa: E402
 from wbsr_export.verify import box_grid, parity_inputs, reference_scores, router_parity, subnet_parity  # noqa: E402
 from wbsr_runtime.manifest import file_sha256, load_manifest  # noqa: E402
 from wbsr_train.checkpoint import load_checkpoint, save_checkpoint, supernet_from_checkpoint  # noqa: E402
@@ -38,7 +39,7 @@ def real_patches(size: int = 20, count: int = 6) -> np.ndarray:
     return np.stack((crops * count)[:count])
 
 
-@pytest.mark.parametrize("arch,scale", [("srresnet", 4), ("srresnet", 2), ("rcan", 2)])
+@pytest.mark.parametrize("arch,scale", [("srresnet", 4), ("srresnet", 2), ("rcan", 2), ("lrnet", 4), ("lrnet", 3)])
 def test_extracted_subnet_equals_supernet(arch: str, scale: int) -> None:
     cfg = ModelConfig(arch, scale, (8, 16), (1, 2), n_groups=2, reduction=4)
     torch.manual_seed(0)
@@ -140,7 +141,7 @@ def test_manifest_records_checkpoint(tiny_checkpoint: Path, tiny_bundle: Path) -
     assert [[s.width, s.depth] for s in m.subnets] == ckpt["specs"]
     assert [s.flops_per_patch for s in m.subnets] == ckpt["flops"]
     assert list(m.routing.class_to_subnet) == ckpt["calibration"]["class_to_subnet"]
-    assert m.routing.psnr_table is not None and len(m.routing.psnr_table) == 10
+    assert m.routing.mse_table is not None and len(m.routing.mse_table) == 10 and len(m.routing.class_freq) == 10
     assert m.provenance["checkpoint_sha256"] == file_sha256(tiny_checkpoint)
     assert set(m.files) == {p.name for p in tiny_bundle.iterdir() if p.name != "manifest.json"}
     assert m.engines == ()
@@ -148,7 +149,7 @@ def test_manifest_records_checkpoint(tiny_checkpoint: Path, tiny_bundle: Path) -
 
 def test_uncalibrated_checkpoint_gets_eq15_map() -> None:
     routing = bundle_mod._routing({"num_classes": 10, "calibration": None}, 4)
-    assert routing["psnr_table"] is None and routing["tolerance_db"] is None
+    assert routing["mse_table"] is None and routing["tolerance_db"] is None and routing["budget"] is None
     assert routing["class_to_subnet"] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
@@ -176,7 +177,7 @@ def test_cli_exports_and_replaces_with_force(single_checkpoint: Path, tmp_path: 
     assert main(args) == 0
     first = load_manifest(out).provenance["created"]
     routing = load_manifest(out).routing  # uncalibrated: the Eq. 15 map
-    assert routing.psnr_table is None and routing.class_to_subnet == (0,) * 10
+    assert routing.mse_table is None and routing.class_to_subnet == (0,) * 10
     assert main(args) == 2 and "--force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     assert load_manifest(out).provenance["created"] >= first
@@ -233,21 +234,18 @@ def test_bundle_trt_records_engines(tiny_bundle: Path, tmp_path: Path, monkeypat
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     calls = {}
 
-    def build_engines(bundle_dir: Path, **kwargs) -> list[dict]:
-        calls.update(kwargs)
-        (bundle_dir / "trt").mkdir()
-        (bundle_dir / "trt" / "subnet_00.k.plan").write_bytes(b"plan")
-        return [
-            {
-                "target": 0,
-                "file": "trt/subnet_00.k.plan",
-                "key": "k",
-                "precision": kwargs["precision"],
-                "tensorrt": "10.3",
-                "gpu": "Orin",
-                "compute_capability": "8.7",
-            }
-        ]
+    def build_engines(bundle_dir: Path, **kwargs) -> EngineBuild:
+        calls.update(kwargs)  # nothing written: the commit writes the plan with the manifest
+        record = {
+            "target": 0,
+            "file": "trt/subnet_00.k.plan",
+            "key": "k",
+            "precision": kwargs["precision"],
+            "tensorrt": "10.3",
+            "gpu": "Orin",
+            "compute_capability": "8.7",
+        }
+        return EngineBuild([record], {"trt/subnet_00.k.plan": b"plan"})
 
     monkeypatch.setitem(sys.modules, "wbsr_export.trt", types.SimpleNamespace(build_engines=build_engines))
     assert main(["--bundle", str(bundle), "--trt", "--fp16", "--max-batch", "8"]) == 0

@@ -61,8 +61,10 @@ def make_bundle(root: Path) -> dict:
             },
         ],
         "routing": {
-            "psnr_table": [[30, 30.1], [29, 29.5], [28, 28.6]],
+            "mse_table": [[60, 58], [80, 70], [110, 100]],
+            "class_freq": [0.5, 0.3, 0.2],
             "tolerance_db": 0.2,
+            "budget": None,
             "class_to_subnet": [0, 1, 1],
         },
         "engines": [],
@@ -79,7 +81,7 @@ def test_loads_typed_fields(tmp_path: Path) -> None:
     assert (m.scale, m.tiling.patch, m.tiling.overlap, m.tiling.max_batch) == (4, 32, 4, 8)
     assert m.router.thresholds == (0.1, 0.2) and m.router.num_classes == 3
     assert [(s.index, s.width, s.depth) for s in m.subnets] == [(0, 8, 1), (1, 8, 2)]
-    assert m.routing.class_to_subnet == (0, 1, 1) and m.routing.psnr_table[0] == (30.0, 30.1)
+    assert m.routing.class_to_subnet == (0, 1, 1) and m.routing.mse_table[0] == (60.0, 58.0)
     assert m.path(m.subnets[1].files["onnx"]).read_bytes() == b"subnet_01.onnx"
     with pytest.raises(AttributeError):
         m.scale = 2  # frozen

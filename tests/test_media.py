@@ -204,3 +204,18 @@ def test_routing_map_tints_by_subnet_and_draws_borders() -> None:
     assert np.abs(out[5, 25].astype(int) - (128 + colours[2]) / 2).max() <= 1
     assert (out[0, :] == 0).all() and (out[:, 0] == 0).all() and (out[:16, 15] == 0).all()
     assert not np.array_equal(colours[0], colours[2])
+
+
+def test_routing_map_legend_names_every_subnet_with_its_colour() -> None:
+    img = np.full((40, 300, 3), 128, np.uint8)
+    labels = [f"w{w} d2 {p}% FLOPs" for w, p in ((32, 7), (48, 14), (64, 100))]
+    out = draw_routing_map(img, np.array([[0, 0, 10, 75]]), np.array([1]), 3, 4, labels=labels)
+    legend = out[40:]
+    assert out.shape[1] == 300 and legend.shape[0] >= 16 and np.array_equal(out[:40], draw_routing_map(
+        img, np.array([[0, 0, 10, 75]]), np.array([1]), 3, 4))
+    flat = legend.reshape(-1, 3)
+    for c in subnet_colours(3):  # every subnet's swatch is in the legend, and some text is drawn
+        assert (flat == c).all(axis=1).sum() >= 100
+    assert (flat == 0).all(axis=1).sum() > 50
+    narrow = draw_routing_map(img[:, :60], np.array([[0, 0, 10, 15]]), np.array([0]), 3, 4, labels=labels)
+    assert narrow.shape[0] - 40 >= 3 * 16  # one label per row when the image is narrow

@@ -121,9 +121,29 @@ class PlainRCAN(nn.Module):
         return self.conv_last(self.upsample(res)) / 255.0 + self.mean
 
 
+class PlainLRNet(nn.Module):
+    """The LR-space net written out plainly: conv, residual blocks, conv to 3 s^2, shuffle, + bilinear input."""
+
+    def __init__(self, width: int, depth: int, scale: int):
+        super().__init__()
+        self.scale = scale
+        self.conv_first = nn.Conv2d(3, width, 3, padding=1)
+        self.body = nn.ModuleList(PlainResidualBlockNoBN(width) for _ in range(depth))
+        self.conv_up = nn.Conv2d(width, 3 * scale * scale, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_first(x)
+        for block in self.body:
+            out = block(out)
+        base = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return F.pixel_shuffle(self.conv_up(out), self.scale) + base
+
+
 def plain_like(cfg: ModelConfig, spec: SubnetSpec) -> nn.Module:
     if cfg.arch == "srresnet":
         return PlainMSRResNet(spec.width, spec.depth, cfg.scale)
+    if cfg.arch == "lrnet":
+        return PlainLRNet(spec.width, spec.depth, cfg.scale)
     return PlainRCAN(spec.width, cfg.n_groups, spec.depth, cfg.reduction, cfg.scale)
 
 
@@ -136,6 +156,7 @@ def sliced_state(supernet: nn.Module, plain: nn.Module) -> dict[str, torch.Tenso
 SMALL = {
     "srresnet": dict(widths=(16, 32), depths=(2, 4)),
     "rcan": dict(widths=(16, 32), depths=(1, 2), n_groups=2),
+    "lrnet": dict(widths=(16, 32), depths=(1, 3)),
 }
 
 
@@ -154,7 +175,7 @@ def test_plain_checkpoint_loads_strict_and_is_the_full_subnet(arch: str, scale: 
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
-@pytest.mark.parametrize("arch", ["srresnet", "rcan"])
+@pytest.mark.parametrize("arch", ["srresnet", "rcan", "lrnet"])
 def test_subnet_equals_plain_net_of_sliced_weights(arch: str, scale: int) -> None:
     torch.manual_seed(10 + scale)
     cfg = ModelConfig(arch, scale, **SMALL[arch])
@@ -200,3 +221,15 @@ def test_compact_preset_specs_and_flops_range(scale: int) -> None:
     assert flops == sorted(flops)
     assert specs[-1] == cfg.full
     assert flops[-1] >= 4 * flops[0]
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_lrnet_preset_flops_are_all_lr_space_convs(scale: int) -> None:
+    """Every conv of LRNet runs at LR resolution: 2 x MACs per 32 x 32 patch = 2 * 1024 * (head 27 w + body
+    18 w^2 d + up 27 s^2 w), and the preset spans more than 10x from its smallest subnet to its full one."""
+    cfg = preset("lrnet", scale)
+    specs = subnet_specs(cfg)
+    flops = [count_flops(cfg, s) for s in specs]
+    assert flops == [2 * 1024 * (27 * w + 18 * w * w * d + 27 * scale**2 * w) for w, d in specs]
+    assert len(specs) == 9 and specs[-1] == cfg.full and flops == sorted(flops)
+    assert all(w % 16 == 0 for w in cfg.widths) and flops[-1] > 10 * flops[0]

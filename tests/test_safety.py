@@ -34,7 +34,7 @@ from PIL import Image as PILImage
 from tests.nearest_bundle import build_nearest_bundle
 from wbsr_runtime import cli
 from wbsr_runtime.engines import engine_file, profile_shapes
-from wbsr_runtime.manifest import hash_files, write_manifest
+from wbsr_runtime.manifest import SCHEMA_VERSION, hash_files, write_manifest
 from wbsr_runtime.media import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,10 @@ def _standin_command(argv: list[str], delay: float) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(
+    "sig, code, word",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+)
 def test_interrupted_video_leaves_no_output(tmp_path: Path, sig: int, code: int, word: str) -> None:
     pytest.importorskip("av")
     from tests.test_video import make_clip
@@ -197,7 +200,8 @@ def test_changed_byte_in_the_manifest(bundle: Path, tmp_path: Path, capsys, at: 
 @pytest.mark.parametrize(
     "edit, needles",
     [
-        ("newer", ["manifest.json", "schema version 2 is newer", "wbsr-export"]),
+        ("newer", ["manifest.json", f"schema version {SCHEMA_VERSION + 1} is newer", "wbsr-export"]),
+        ("older", ["manifest.json", "schema version 1 is older", "wbsr-export"]),
         ("missing", ["missing file subnet_01.onnx", "wbsr-export"]),
         ("no-manifest", ["not a WBSR bundle", "wbsr-export"]),
         ("digest", ["router.onnx", "sha256", "wbsr-export"]),
@@ -210,8 +214,8 @@ def test_bundle_refusals_say_what_and_how_to_rebuild(
 ) -> None:
     b = shutil.copytree(bundle, tmp_path / "b")
     manifest = json.loads((b / "manifest.json").read_text())
-    if edit == "newer":
-        manifest["schema_version"] = 2
+    if edit in ("newer", "older"):
+        manifest["schema_version"] = SCHEMA_VERSION + 1 if edit == "newer" else 1
     elif edit == "digest":
         manifest["files"]["router.onnx"] = "0" * 64
     elif edit == "unlisted":
@@ -408,3 +412,10 @@ def test_items_covered_elsewhere_exist() -> None:
     ]:
         assert name in (here / file).read_text(), (file, name)
     assert os.path.exists(here / "test_bad_inputs.py")
+
+
+def test_docs_guarantees_is_the_readme_section() -> None:
+    """docs/guarantees.md duplicates the README's Guarantees: they must not drift apart."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Guarantees\n") : readme.index("## Design notes")].rstrip("\n") + "\n"
+    assert (ROOT / "docs" / "guarantees.md").read_text() == section

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -143,8 +144,10 @@ def test_eval_and_calibrate(tmp_path: Path, trained: Path) -> None:
     code, _ = run_cli(cli.calibrate_main, ["--ckpt", str(trained), "--data", str(SET5), "--out", str(ck)])
     assert code == 0
     cal = load_checkpoint(ck)["calibration"]
-    assert len(cal["psnr_table"]) == 10 and len(cal["psnr_table"][0]) == 9
-    assert len(cal["class_to_subnet"]) == 10 and sum(cal["class_counts"]) > 0
+    table, freq = np.array(cal["mse_table"]), np.array(cal["class_freq"])
+    assert table.shape == (10, 9) and (table > 0).all() and freq.sum() == pytest.approx(1.0)
+    assert len(cal["class_to_subnet"]) == 10 and cal["tiles"] > 0 and cal["images"] == 5
+    assert 0 <= cal["predicted_loss_db"] <= cal["tolerance_db"] + 1e-9 and 0 < cal["predicted_flops_ratio"] <= 1
     report_path = tmp_path / "report.json"
     code, _ = run_cli(cli.eval_main, ["--ckpt", str(ck), "--data", str(SET5), "--json", str(report_path)])
     report = json.loads(report_path.read_text())
@@ -155,6 +158,89 @@ def test_eval_and_calibrate(tmp_path: Path, trained: Path) -> None:
     dynamic = next(r for r in report["rows"] if r["method"] == "dynamic, tiled")
     assert 0 < dynamic["flops_pct"] <= 100 and sum(dynamic["patches_per_subnet"]) > 0
     assert report["routing"] == "calibrated" and len(report["per_class"]) == 10
+    code, _ = run_cli(cli.eval_main, ["--ckpt", str(ck), "--data", str(SET5), "--budget", "0.3",
+                                      "--json", str(report_path)])
+    dynamic = next(r for r in json.loads(report_path.read_text())["rows"] if r["method"] == "dynamic, tiled")
+    assert code == 0 and dynamic["flops_pct"] < 50  # the budget holds on the calibration classes' mix
+
+
+def test_engine_agrees_with_direct_scoring(trained: Path) -> None:
+    """One pass per subnet over tiles gives the same images and errors as scoring each case directly."""
+    from wbsr_train.checkpoint import supernet_from_checkpoint
+    from wbsr_train.config import SubnetSpec
+    from wbsr_train.data import load_pairs
+    from wbsr_train.evaluate import PROTOCOL, RUNTIME, forward_tiles, psnr, rgb_to_y, tiled_runs, to_uint8
+
+    ckpt = load_checkpoint(trained)
+    net, specs = supernet_from_checkpoint(ckpt), [SubnetSpec(*s) for s in ckpt["specs"]]
+    pairs = load_pairs(SET5, 4)[:2]
+    for tiling in (PROTOCOL, RUNTIME):
+        for run, (_, lr, hr) in zip(tiled_runs(net, pairs, specs, ckpt["thresholds"], tiling), pairs, strict=True):
+            assert run.outputs.shape[:2] == (len(specs), run.plan.num_tiles)
+            errors, pixels = run.squared_errors(4)
+            assert pixels.sum() == hr.shape[0] * hr.shape[1] or tiling.blend  # crop mode partitions the frame
+            full = run.stitch(np.full(run.plan.num_tiles, len(specs) - 1), 4)
+            if not tiling.blend:  # owned regions partition the frame: summed errors are the image's
+                mse = np.mean((rgb_to_y(full) - rgb_to_y(hr)) ** 2)
+                assert errors[-1].sum() / pixels.sum() == pytest.approx(mse)
+                assert psnr(rgb_to_y(full), rgb_to_y(hr)) > 15
+            tile0 = forward_tiles(net, run_tiles_of(run, lr), specs[0])
+            np.testing.assert_array_equal(to_uint8(tile0[0]), to_uint8(run.outputs[0, 0]))
+
+
+def run_tiles_of(run, lr: np.ndarray) -> np.ndarray:
+    from wbsr_runtime.tiling import extract_tiles
+    from wbsr_train.evaluate import to_chw
+
+    return extract_tiles(to_chw(lr), run.plan, np.array([0]))
+
+
+def test_holdout_split_is_recorded_and_calibrates_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "h.pt"
+    train(TrainConfig(**{**TINY, "iters": 2, "val_every": 2}, out=str(out), holdout=0.4))
+    held = load_checkpoint(out)["holdout"]
+    assert sorted(Path(p).name for p in held) == ["baby.png", "butterfly.png"]  # the fixed hash split
+    code, err = run_cli(cli.calibrate_main, ["--ckpt", str(out)])
+    assert code == 0, err
+    assert load_checkpoint(out)["calibration"]["images"] == 2
+    code, err = run_cli(cli.calibrate_main, ["--ckpt", str(tmp_path / "none.pt")])
+    assert code == 2
+    plain = tmp_path / "p.pt"
+    train(TrainConfig(**{**TINY, "iters": 1, "val_every": 1}, out=str(plain)))
+    code, err = run_cli(cli.calibrate_main, ["--ckpt", str(plain)])
+    assert code == 2 and "--holdout" in err and "\n" not in err.strip()
+
+
+def test_holdout_split_is_stable_and_monotone(tmp_path: Path) -> None:
+    from wbsr_train.data import holdout_split
+
+    paths = [tmp_path / "set" / f"{i}.png" for i in range(400)]
+    small = holdout_split(paths, [tmp_path], 0.1)[1]
+    large = holdout_split(paths, [tmp_path], 0.3)[1]
+    assert set(small) <= set(large) and 20 < len(small) < 60 and 90 < len(large) < 150
+    moved = [tmp_path / "elsewhere" / p.relative_to(tmp_path) for p in paths]  # same relative names
+    assert [p.name for p in holdout_split(moved, [tmp_path / "elsewhere"], 0.1)[1]] == [p.name for p in small]
+
+
+def test_distillation_pulls_routed_outputs_to_the_detached_full() -> None:
+    from wbsr_train.loss import make_loss
+
+    loss_fn = make_loss("l1")
+    hr, full = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5, requires_grad=True)
+    routed = torch.full((2, 3, 8, 8), 0.25, requires_grad=True)
+    assert train_mod.routed_loss(loss_fn, routed, full, hr, 0.0).item() == pytest.approx(0.25)
+    loss = train_mod.routed_loss(loss_fn, routed, full, hr, 2.0)
+    assert loss.item() == pytest.approx(0.25 + 2 * 0.25)
+    loss.backward()
+    assert full.grad is None  # the teacher is not pulled towards the student
+
+
+def test_bf16_distilled_run_trains(tmp_path: Path) -> None:
+    out = tmp_path / "bf16.pt"
+    metrics = train(TrainConfig(**{**TINY, "iters": 3, "val_every": 3, "preset": "lrnet"}, out=str(out), val=str(SET5),
+                                precision="bf16", distill=1.0))
+    assert metrics["val_psnr_y_full"] > 10 and all(np.isfinite(v) for pair in losses(out) for v in pair)
+    assert load_checkpoint(out)["train_config"]["precision"] == "bf16"
 
 
 def test_eval_bad_input(tmp_path: Path, trained: Path) -> None:
@@ -194,3 +280,10 @@ def test_config_diff_takes_defaults_for_fields_added_later() -> None:
     old = {k: v for k, v in new.items() if k != "plain"}  # a checkpoint saved before `plain` existed
     assert train_mod.config_diff(old, new) == []
     assert train_mod.config_diff(old, {**new, "plain": True}) == ["plain: False -> True"]
+
+
+def test_a_checkpoint_from_before_distillation_resumes_without_it() -> None:
+    new = train_mod.to_dict(TrainConfig(**TINY, out="x.pt", distill=0.0))
+    old = {k: v for k, v in new.items() if k not in ("distill", "precision", "holdout", "device")}
+    assert train_mod.config_diff(old, new) == []  # it trained without distillation: resuming stays so
+    assert train_mod.config_diff(old, {**new, "distill": 1.0}) == ["distill: 0.0 -> 1.0"]

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from wbsr_export import trt as build
+from wbsr_export.attach import commit_engines
 from wbsr_runtime.backends.base import BackendError
-from wbsr_runtime.engines import EngineMismatch, TensorRTUnavailable, merge_engine_records
+from wbsr_runtime.engines import EngineMismatch, TensorRTUnavailable
+from wbsr_runtime.manifest import SCHEMA_VERSION
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -57,7 +59,7 @@ def _write_bundle(root: Path, num_subnets: int = 2) -> Path:
         subnets.append({"index": i, "files": files, "input": "lr", "output": "sr"})
     manifest = {
         "format": "wbsr-bundle",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "scale": SCALE,
         "subnets": subnets,
         "tiling": {"patch": 6, "overlap": 1},
@@ -94,18 +96,16 @@ class FakeToolchain:
         return out if self.output is None else self.output(out)
 
 
-def _add_to_manifest(bundle: Path, records: list[dict]) -> None:
-    """What the export CLI does with the records: merge them and hash the new files."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["engines"] = merge_engine_records(manifest["engines"], records)
-    for r in records:
-        manifest["files"][r["file"]] = build.sha256_file(bundle / r["file"])
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+def _build(bundle: Path, **kwargs) -> list[dict]:
+    """What the export CLI does: build, then commit the files and records to the manifest."""
+    result = build.build_engines(bundle, **kwargs)
+    commit_engines(bundle, result)
+    return result.records
 
 
 def test_builds_are_keyed_recorded_and_validated(bundle):
     tc = FakeToolchain()
-    records = build.build_engines(bundle, max_batch=2, toolchain=tc)
+    records = _build(bundle, max_batch=2, toolchain=tc)
     assert tc.builds == ["subnet_00.fp16.onnx", "subnet_01.fp16.onnx"]
     assert len(tc.ran) == 4  # each engine checked at batch 1 and at max batch
     for i, r in enumerate(records):
@@ -119,23 +119,24 @@ def test_builds_are_keyed_recorded_and_validated(bundle):
             "fp16",
         )
         assert r["workspace"] == 1 << 30 and r["opt_level"] == 3 and r["max_abs_diff_vs_ort"] == 0.0
+        assert r["tiling"] == {"patch": 6, "overlap": 1}
         assert r["onnx_sha256"] == build.sha256_file(bundle / f"subnet_{i:02d}.fp16.onnx")
     assert records[0]["key"] != records[1]["key"] or records[0]["onnx_sha256"] == records[1]["onnx_sha256"]
     caches = list((bundle / "trt").glob("timing.*.cache"))
     assert len(caches) == 1 and caches[0].read_bytes() == b"tt"  # one cache, shared by both builds
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["files"][caches[0].relative_to(bundle).as_posix()] == build.sha256_file(caches[0])
 
 
 def test_second_call_reuses_engines(bundle):
-    first = build.build_engines(bundle, max_batch=2, toolchain=FakeToolchain())
-    _add_to_manifest(bundle, first)
+    first = _build(bundle, max_batch=2, toolchain=FakeToolchain())
     tc = FakeToolchain()
-    assert build.build_engines(bundle, max_batch=2, toolchain=tc) == first
-    assert tc.builds == [] and tc.ran == []
+    again = build.build_engines(bundle, max_batch=2, toolchain=tc)
+    assert again.records == first and again.files == {} and tc.builds == [] and tc.ran == []
 
 
 def test_other_machine_or_settings_build_new_engines(bundle):
-    first = build.build_engines(bundle, max_batch=2, toolchain=FakeToolchain())
-    _add_to_manifest(bundle, first)
+    first = _build(bundle, max_batch=2, toolchain=FakeToolchain())
     for tc, kwargs in [
         (FakeToolchain(version="10.7.0"), {}),
         (FakeToolchain(), {"max_batch": 4}),
@@ -143,17 +144,16 @@ def test_other_machine_or_settings_build_new_engines(bundle):
         (FakeToolchain(), {"precision": "fp32"}),
     ]:
         kwargs = {"max_batch": 2, **kwargs}
-        records = build.build_engines(bundle, toolchain=tc, **kwargs)
+        records = build.build_engines(bundle, toolchain=tc, **kwargs).records
         assert len(tc.builds) == 2 and {r["key"] for r in records}.isdisjoint({r["key"] for r in first})
     assert tc.builds == ["subnet_00.onnx", "subnet_01.onnx"]  # fp32 builds from the fp32 graph
 
 
 def test_altered_or_unrecorded_plan_is_not_loaded(bundle):
-    first = build.build_engines(bundle, max_batch=2, toolchain=FakeToolchain())
-    _add_to_manifest(bundle, first)
+    first = _build(bundle, max_batch=2, toolchain=FakeToolchain())
     (bundle / first[0]["file"]).write_bytes(b"tampered")  # hash no longer matches the manifest
     tc = FakeToolchain()
-    again = build.build_engines(bundle, max_batch=2, toolchain=tc)
+    again = _build(bundle, max_batch=2, toolchain=tc)
     assert tc.builds == ["subnet_00.fp16.onnx"] and again == first
     assert (bundle / first[0]["file"]).read_bytes().startswith(b"plan:")
     # a plan file on disk that no manifest record vouches for is rebuilt, not trusted
@@ -175,8 +175,8 @@ def test_altered_or_unrecorded_plan_is_not_loaded(bundle):
 )
 def test_validation_rejects_bad_engines(bundle, corrupt, match):
     with pytest.raises(build.EngineValidationError, match=match):
-        build.build_engines(bundle, max_batch=2, toolchain=FakeToolchain(output=corrupt))
-    assert not list((bundle / "trt").glob("*.plan"))
+        _build(bundle, max_batch=2, toolchain=FakeToolchain(output=corrupt))
+    assert not (bundle / "trt").exists()
 
 
 def test_compare_outputs_thresholds():

@@ -94,7 +94,7 @@ def test_full_mode_merges_into_whole_frame_windows(nn_bundle: Path, monkeypatch)
 
     def fixed_profile(self, *args, **kwargs):  # a backend that takes one tile size only, as TensorRT engines
         init(self, *args, **kwargs)
-        self.fixed_tiles = True
+        self.tiling = (8, 2)
 
     monkeypatch.setattr(base.Runner, "__init__", fixed_profile)
     with Upscaler(nn_bundle, backend="ort", mode="full", patch=8, overlap=2, merge=4) as up:
@@ -112,8 +112,8 @@ def test_tolerance_and_budget_rederive_the_map(gain_bundle: Path, tmp_path: Path
         assert up.class_map.tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="not both"):
         Upscaler(gain_bundle, backend="ort", tolerance=0.1, budget=0.5)
-    bare = build_nearest_bundle(tmp_path / "bare", psnr_table=False)
-    with pytest.raises(BundleError, match="psnr_table"):
+    bare = build_nearest_bundle(tmp_path / "bare", calibrated=False)
+    with pytest.raises(BundleError, match="mse_table"):
         Upscaler(bare, backend="ort", tolerance=0.1)
 
 
@@ -128,7 +128,7 @@ def test_measured_costs_rank_the_subnets(gain_bundle: Path, tmp_path: Path, monk
     for knob in ({"tolerance": 10.0}, {"budget": 0.5}):
         with Upscaler(gain_bundle, backend="ort", cost="measured", **knob) as up:
             assert up.class_map.tolist() == [2, 2, 2, 2] and up.costs.tolist() == [3.0, 2.0, 1.0]
-    with pytest.raises(BundleError, match="no calibration tolerance"):
+    with pytest.raises(BundleError, match="no calibration knob"):
         Upscaler(gain_bundle, backend="ort", cost="measured")  # and no tolerance given
     calibrated = shutil.copytree(gain_bundle, tmp_path / "calibrated")
     manifest = json.loads((calibrated / "manifest.json").read_text())
@@ -140,8 +140,8 @@ def test_measured_costs_rank_the_subnets(gain_bundle: Path, tmp_path: Path, monk
         assert up.class_map.tolist() == [2, 2, 2, 2]  # re-derived at the bundle's tolerance
     with pytest.raises(ValueError, match="cost"):
         Upscaler(gain_bundle, backend="ort", cost="seconds")
-    bare = build_nearest_bundle(tmp_path / "bare", psnr_table=False)
-    with pytest.raises(BundleError, match="psnr_table"):
+    bare = build_nearest_bundle(tmp_path / "bare", calibrated=False)
+    with pytest.raises(BundleError, match="mse_table"):
         Upscaler(bare, backend="ort", cost="measured")
 
 
@@ -200,6 +200,23 @@ def test_runtime_works_without_torch(nn_bundle: Path) -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_vapoursynth_filter_is_optional() -> None:
+    """Without VapourSynth the runtime imports as ever, and the filter module says what to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["vapoursynth"] = None  # as if not installed
+        import wbsr_runtime.upscaler, wbsr_runtime.cli
+        try:
+            import wbsr_runtime.vapoursynth
+        except ImportError as err:
+            print(err)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pip install 'wbsr-deploy[cpu,vapoursynth]'" in done.stdout.strip().splitlines()[-1]
+
+
 def test_tiny_bundle_modes_agree(tiny_bundle: Path) -> None:
     """The real exported bundle: full-mode tiling stays close to whole-frame inference (same subnet)."""
     img = image(40, 44, np.float32, seed=3)
@@ -232,3 +249,81 @@ def test_tiny_bundle_windows_of_every_size_match_equal_tiles(tiny_bundle: Path, 
         np.testing.assert_allclose(outs[merge], whole, atol=2e-5)
     with Upscaler(tiny_bundle, backend=backend, mode="full", patch=16, overlap=0, merge=1) as up:
         assert up.upscale(img).shape == (196, 140, 3)  # the 1-row strip runs as a MIN_WINDOW-row window
+
+
+def test_torch_workers_load_their_programs_at_the_same_time(tiny_bundle: Path) -> None:
+    """Four workers each load the full subnet's program on their first chunk, concurrently: torch.export.load
+    is not thread-safe ("_CURRENT_DESERIALIZER is already set"), so the backend serialises the loads."""
+    pytest.importorskip("torch")
+    img = image(64, 64, np.float32, seed=7)
+    with Upscaler(tiny_bundle, backend="torch", mode="full", workers=4, chunk=1, merge=0) as up:
+        out = up.upscale(img)
+    with Upscaler(tiny_bundle, backend="ort", mode="full", merge=0) as ref:
+        np.testing.assert_allclose(out, ref.upscale(img), atol=1e-4)
+
+
+# --- issue 13: knobs, values that poison, small and thin frames ------------------------------------------
+@pytest.mark.parametrize(
+    "knob, value",
+    [
+        ("tolerance", float("nan")), ("tolerance", float("inf")), ("tolerance", -0.5), ("tolerance", "0.1"),
+        ("budget", float("nan")), ("budget", 0.0), ("budget", 1.5), ("budget", float("-inf")),
+        ("patch", 2), ("patch", 5000), ("patch", 16.5), ("overlap", -1), ("overlap", 5000), ("overlap", True),
+        ("merge", -1), ("workers", 0), ("max_pixels", 0),
+    ],
+)
+def test_out_of_range_knobs_are_refused_in_one_line(nn_bundle: Path, monkeypatch, knob: str, value: object) -> None:
+    """Checked first: NaN tolerance used to route everything to the cheapest subnet, overlap 5000 padded an
+    80x64 frame to 10032^2 (7 GB). The bundle is never even read for a bad knob."""
+    from wbsr_runtime import upscaler
+
+    monkeypatch.setattr(upscaler, "load_manifest", lambda *a, **k: pytest.fail("bundle read before the knobs"))
+    with pytest.raises(ValueError) as e:
+        Upscaler(nn_bundle, backend="ort", **{knob: value})
+    assert knob in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_tile_with_its_padding_is_bounded(nn_bundle: Path) -> None:
+    with pytest.raises(ValueError, match="at most 256"):
+        Upscaler(nn_bundle, backend="ort", patch=200, overlap=40)
+    with Upscaler(nn_bundle, backend="ort", patch=128, overlap=64, merge=0) as up:  # the largest tile: 256
+        img = image(80, 64, np.uint8)
+        np.testing.assert_array_equal(up.upscale(img), hwc_nearest(img, 2))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("mode", ["dynamic", "whole"])
+def test_non_finite_float_input_is_refused(nn_bundle: Path, bad: float, mode: str) -> None:
+    img = image(9, 7, np.float32)
+    img[4, 3, 1] = bad
+    with Upscaler(nn_bundle, backend="ort", mode=mode) as up:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            up.upscale(img)
+        loud = image(9, 7, np.float32) * 3 - 1  # finite but out of range: clipped, as documented
+        np.testing.assert_array_equal(up.upscale(loud), hwc_nearest(np.clip(loud, 0, 1), 2))
+
+
+@pytest.mark.parametrize("h, w, overlap", [(10, 10, 2), (18, 18, 2), (12, 40, 2), (40, 12, 2), (1, 1, 2),
+                                           (2, 9, 2), (5, 150, 8), (150, 6, 8)])
+def test_small_and_thin_frames_match_whole_frame_inference(tiny_bundle: Path, h: int, w: int, overlap: int) -> None:
+    """A side shorter than a tile (patch 16 + 2 x 2 here) was padded by reflection, and the network saw the
+    mirrored pixels: up to 140/255 off at x4. Now such a frame runs as itself, like the whole frame (frames
+    under 3 pixels are padded to 3 in both modes); long ones are cut into windows with context >= the tiny
+    net's receptive field (7), so they match to float rounding too."""
+    img = image(h, w, np.float32, seed=h * w)
+    with Upscaler(tiny_bundle, backend="ort", mode="whole") as up:
+        whole = up.upscale(img)
+    with Upscaler(tiny_bundle, backend="ort", mode="full", overlap=overlap) as up:
+        np.testing.assert_allclose(up.upscale(img), whole, atol=2e-5)
+    with Upscaler(tiny_bundle, backend="ort", mode="dynamic", overlap=overlap) as up:
+        assert up.upscale(img).shape == whole.shape  # other subnets: not comparable, but never padded
+
+
+@pytest.mark.parametrize("h, w", [(30, 30), (64, 20), (20, 64)])
+def test_shipped_model_small_frames_match_whole_frame(h: int, w: int) -> None:
+    """The issue's cases on the shipped x4 model (tile 32 + 2 x 2): 83/255 off before, float rounding now."""
+    img = image(h, w, np.float32, seed=7)
+    with Upscaler(scale=4, backend="ort", mode="whole") as up:
+        whole = up.upscale(img)
+    with Upscaler(scale=4, backend="ort", mode="full") as up:
+        np.testing.assert_allclose(up.upscale(img), whole, atol=1e-5)

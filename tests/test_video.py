@@ -15,6 +15,9 @@ from wbsr_runtime.video import upscale_video
 av = pytest.importorskip("av")
 
 
+CLIP_CODECS = {".webm": ("libvpx-vp9", "libopus"), ".avi": ("mpeg4", "aac")}  # others: H.264 + AAC
+
+
 def make_clip(
     path: Path,
     frames: int = 8,
@@ -22,14 +25,18 @@ def make_clip(
     audio: bool = True,
     video: bool = True,
     rate: int = 12,
+    rotation: int | None = None,
 ) -> None:
-    """A tiny H.264 (or MPEG-4) clip with an optional AAC tone; frames=0 leaves the video stream empty."""
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    """A tiny clip in the container of `path`'s extension (H.264 or MPEG-4 + AAC; WebM: VP9 + Opus) with an
+    optional tone; frames=0 leaves the video stream empty; `rotation`: a display matrix rotating it (degrees)."""
+    vcodec, acodec = CLIP_CODECS.get(path.suffix, ("libx264" if "libx264" in av.codecs_available else "mpeg4", "aac"))
     with av.open(str(path), "w") as out:
-        vs = out.add_stream(codec, rate=rate) if video else None
+        vs = out.add_stream(vcodec, rate=rate) if video else None
         if vs is not None:
             vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
-        a_s = out.add_stream("aac", rate=48000) if audio and "aac" in av.codecs_available else None
+            if rotation is not None:
+                vs.set_display_rotation(rotation)
+        a_s = out.add_stream(acodec, rate=48000) if audio and acodec in av.codecs_available else None
         if a_s is not None:
             a_s.layout = "mono"
         for i in range(frames if video else 0):
@@ -42,23 +49,48 @@ def make_clip(
             for k in range(0, len(tone) - 1023, 1024):
                 f = av.AudioFrame.from_ndarray(tone[None, k : k + 1024], format="fltp", layout="mono")
                 f.sample_rate, f.pts = 48000, k
-                out.mux(a_s.encode(f))
+                # AVI cannot place the AAC priming packet (before 0): FFmpeg would shift the video for it
+                out.mux([pk for pk in a_s.encode(f) if path.suffix != ".avi" or pk.dts >= 0])
             out.mux(a_s.encode(None))
         if vs is not None:
             out.mux(vs.encode(None))
         out.start_encoding()  # writes the header even when there is nothing to mux
 
 
+def make_size_change_clip(path: Path, sizes: tuple[tuple[int, int], ...] = ((32, 24), (48, 32))) -> None:
+    """A Matroska clip whose H.264 stream changes frame size midway (4 frames of each size), as a concatenated
+    broadcast or screen recording can: two raw H.264 streams back to back, remuxed."""
+    import io
+
+    raw = b""
+    for w, h in sizes:
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="h264") as out:
+            vs = out.add_stream("libx264", rate=10)
+            vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+            for i in range(4):
+                out.mux(vs.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 * i, np.uint8), format="rgb24")))
+            out.mux(vs.encode(None))
+        raw += buf.getvalue()
+    with av.open(io.BytesIO(raw), format="h264") as inp, av.open(str(path), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for i, packet in enumerate(p for p in inp.demux(video=0) if p.size):
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, Fraction(1, 10)
+            out.mux(packet)
+
+
 def probe(path: Path) -> dict:
     with av.open(str(path)) as c:
         v = c.streams.video[0]
-        times = [float(f.pts * f.time_base) for f in c.decode(video=0)]
+        frames = list(c.decode(video=0))
         return {
-            "frames": len(times),
+            "frames": len(frames),
             "rate": v.average_rate,
             "size": (v.codec_context.width, v.codec_context.height),
             "audio": len(c.streams.audio),
-            "times": times,
+            "times": [float(f.pts * f.time_base) for f in frames],
+            "rotation": frames[0].rotation if frames else None,
+            "codec": v.codec_context.name,
         }
 
 
@@ -108,3 +140,39 @@ def test_audio_only_zero_frames_truncated_and_missing_fail_by_name(clip: Path, t
         assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "out.mp4").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".mov", ".avi", ".webm"])
+def test_every_listed_container_keeps_frames_rate_timestamps_and_audio(tmp_path: Path, ext: str) -> None:
+    """Issue 13: AVI came out at 600 fps with out-of-order timestamps and WebM always failed (H.264 in WebM)."""
+    src, out = tmp_path / f"in{ext}", tmp_path / f"out{ext}"
+    make_clip(src, frames=10, rate=10)
+    res = upscale_video(src, out, NearestUpscaler(scale=2), progress=False)
+    got = probe(out)
+    assert got["frames"] == res.frames == 10 and got["rate"] == Fraction(10) and got["size"] == (64, 48)
+    np.testing.assert_allclose(got["times"], np.arange(10) / 10, atol=2e-3)  # in order, at 10 fps, from 0
+    assert got["audio"] == probe(src)["audio"] == int(res.audio) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".mov", ".webm"])
+def test_display_rotation_is_kept(tmp_path: Path, ext: str) -> None:
+    """A phone clip stored sideways with a 90-degree display matrix must play upright after upscaling."""
+    make_clip(tmp_path / "rotated.mp4", rotation=90)
+    assert probe(tmp_path / "rotated.mp4")["rotation"] == 90
+    upscale_video(tmp_path / "rotated.mp4", tmp_path / f"out{ext}", NearestUpscaler(scale=2), progress=False)
+    assert probe(tmp_path / f"out{ext}")["rotation"] == 90 and probe(tmp_path / f"out{ext}")["size"] == (64, 48)
+
+
+def test_rotation_into_avi_and_a_size_change_are_refused_in_one_line(tmp_path: Path) -> None:
+    make_clip(tmp_path / "rotated.mp4", rotation=-90)
+    make_size_change_clip(tmp_path / "change.mkv")
+    up = NearestUpscaler(scale=2)
+    with pytest.raises(MediaError, match="AVI cannot store") as e:
+        upscale_video(tmp_path / "rotated.mp4", tmp_path / "out.avi", up, progress=False)
+    assert up.calls == 0, "refused before any frame was upscaled"
+    with pytest.raises(MediaError, match=r"frame size changes at frame 5 \(32x24 -> 48x32\)") as e2:
+        upscale_video(tmp_path / "change.mkv", tmp_path / "out.mkv", up, progress=False)
+    for err in (e, e2):
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["change.mkv", "rotated.mp4"]

@@ -3,12 +3,17 @@ device that has only the bundle, TensorRT and cuda-python (a Jetson)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wbsr_runtime.engines import TensorRTUnavailable, merge_engine_records
-from wbsr_runtime.manifest import BundleError, hash_files, load_manifest, read_manifest_dict, write_manifest
+from wbsr_runtime.fileio import atomic_write_bytes
+from wbsr_runtime.manifest import BundleError, load_manifest, read_manifest_dict, write_manifest
+
+if TYPE_CHECKING:
+    from .trt import EngineBuild, Toolchain
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +27,15 @@ def add_engines(
     overlap: int | None = None,
     workspace_mb: int = 1024,
     opt_level: int = 3,
+    toolchain: Toolchain | None = None,
 ) -> list[dict[str, Any]]:
     """Build engines for this machine with `wbsr_export.trt.build_engines`, then record them in the manifest.
 
-    `max_batch`, `patch`, `overlap` default to the bundle's tiling. The manifest is rewritten atomically with
-    the new records (replacing older ones for the same target, machine and precision) and fresh file hashes.
-    Raises BundleError for an unusable bundle, TensorRTUnavailable without TensorRT.
+    `max_batch`, `patch`, `overlap` default to the bundle's tiling (engines built for other tiles record
+    theirs, and the `trt` backend tiles with it). Nothing is written until every engine is built and
+    validated; then `commit_engines` adds the files and the new records (replacing older ones for the same
+    target, machine and precision) in one step. Raises BundleError for an unusable bundle,
+    TensorRTUnavailable without TensorRT. `toolchain`: a stand-in for TensorRT (tests, `gpu_check.py`).
     """
     root = Path(bundle_dir)
     manifest = load_manifest(root)
@@ -40,18 +48,57 @@ def add_engines(
     except ImportError as e:
         log.debug("wbsr_export.trt unavailable: %s", e)
         raise TensorRTUnavailable() from None
-    records = build_engines(
+    patch = patch or manifest.tiling.patch
+    overlap = manifest.tiling.overlap if overlap is None else overlap
+    if (patch, overlap) != (manifest.tiling.patch, manifest.tiling.overlap):
+        log.warning(
+            "engines for patch %d + overlap %d, not the bundle's tiling (%d + %d): the trt backend tiles as "
+            "the engines record (or with the same --patch/--overlap)",
+            patch,
+            overlap,
+            manifest.tiling.patch,
+            manifest.tiling.overlap,
+        )
+    build = build_engines(
         root,
         precision=precision,
         max_batch=max_batch or manifest.tiling.max_batch or 16,
-        patch=patch or manifest.tiling.patch,
-        overlap=manifest.tiling.overlap if overlap is None else overlap,
+        patch=patch,
+        overlap=overlap,
         workspace_mb=workspace_mb,
         opt_level=opt_level,
+        toolchain=toolchain,
     )
-    data = read_manifest_dict(root)
-    data["engines"] = merge_engine_records(data.get("engines", []), records)
-    data["files"] = hash_files(root)
-    write_manifest(root, data)
+    commit_engines(root, build)
     load_manifest(root)  # the rewritten manifest must validate (every engine file present and hashed)
-    return [dict(r) for r in records]
+    return [dict(r) for r in build.records]
+
+
+def commit_engines(bundle_dir: str | Path, build: EngineBuild) -> None:
+    """Write `build`'s files, then the manifest that records them and their sha256.
+
+    The manifest's atomic rename is the one commit point: until it, the files written here are new names (plans
+    named by their key, the timing cache by its content) that the old manifest never lists, and they are
+    removed again on any error or interrupt, so the bundle stays loadable and unchanged. After it, the
+    superseded timing cache is deleted."""
+    root = Path(bundle_dir)
+    data = read_manifest_dict(root)
+    written: list[Path] = []
+    try:
+        for rel, blob in build.files.items():
+            path = root / rel
+            if not path.exists():
+                written.append(path)
+            atomic_write_bytes(path, blob)
+        files = {k: v for k, v in (data.get("files") or {}).items() if k not in build.replaced}
+        files |= {rel: hashlib.sha256(blob).hexdigest() for rel, blob in build.files.items()}
+        data["engines"] = merge_engine_records(data.get("engines", []), build.records)
+        data["files"] = files
+        write_manifest(root, data)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    for rel in build.replaced:
+        if rel not in build.files:
+            (root / rel).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from wbsr_runtime.manifest import FORMAT, SCHEMA_VERSION, file_sha256, hash_files, write_manifest
 from wbsr_runtime.routing import eq15_map
-from wbsr_train.checkpoint import CheckpointError, load_checkpoint, supernet_from_checkpoint
+from wbsr_train.checkpoint import CheckpointError, load_checkpoint, require_model, supernet_from_checkpoint
 from wbsr_train.config import SubnetSpec
 
 from .errors import ExportError, ParityError
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 FP32_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs PyTorch, images in [0, 1]
 ROUTER_TOLERANCE = 1e-4  # relative score error
 CLASS_PATCH = 32  # LR patch size of the descriptor thresholds and of the FLOPs figures (checkpoint layout)
-REQUIRED_KEYS = ("model_config", "model", "specs", "flops", "num_classes", "thresholds")
 
 
 def export_bundle(
@@ -69,16 +68,9 @@ def export_bundle(
             f"need patch >= 3, overlap >= 0, max batch >= 1 (got {patch}, {overlap}, {max_batch})"
         )
     ckpt = load_checkpoint(ckpt_path)
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{ckpt_path}: checkpoint lacks {', '.join(missing)}")
+    require_model(ckpt, ckpt_path)
     _check_destination(out, force)
-    try:
-        net = supernet_from_checkpoint(ckpt)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(
-            f"{ckpt_path}: invalid model in checkpoint ({str(e).splitlines()[0]})"
-        ) from None
+    net = supernet_from_checkpoint(ckpt, ckpt_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
@@ -190,16 +182,22 @@ def _router_entry(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def _routing(ckpt: dict[str, Any], num_subnets: int) -> dict[str, Any]:
-    """The calibrated table and map when the checkpoint has them, else the paper's Eq. 15 map."""
+    """The calibration table, class frequencies and default map when the checkpoint has them, else the
+    paper's Eq. 15 map."""
     cal = ckpt.get("calibration")
+    if cal and "mse_table" not in cal:
+        raise CheckpointError("the checkpoint's calibration predates MSE tables: run wbsr-calibrate on it again")
     if cal:
         return {
-            "psnr_table": [[float(v) for v in row] for row in cal["psnr_table"]],
-            "tolerance_db": float(cal["tolerance_db"]),
+            "mse_table": [[float(v) for v in row] for row in cal["mse_table"]],
+            "class_freq": [float(v) for v in cal["class_freq"]],
+            "tolerance_db": None if cal.get("tolerance_db") is None else float(cal["tolerance_db"]),
+            "budget": None if cal.get("budget") is None else float(cal["budget"]),
             "class_to_subnet": [int(m) for m in cal["class_to_subnet"]],
         }
     class_map = eq15_map(int(ckpt["num_classes"]), num_subnets)
-    return {"psnr_table": None, "tolerance_db": None, "class_to_subnet": [int(m) for m in class_map]}
+    return {"mse_table": None, "class_freq": None, "tolerance_db": None, "budget": None,
+            "class_to_subnet": [int(m) for m in class_map]}
 
 
 def _provenance(ckpt: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from wbsr_runtime.fileio import exit_code, interrupts_as_exceptions
+
 from .errors import ParityError
 
 
@@ -84,10 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        print(_run(args))
-    except KeyboardInterrupt:
+        with interrupts_as_exceptions():  # SIGTERM/SIGHUP: the temporary bundle folder is removed as on Ctrl-C
+            print(_run(args))
+    except KeyboardInterrupt as e:
         print("wbsr-export: interrupted, nothing written", file=sys.stderr)
-        return 130
+        return exit_code(e)
+    except ModuleNotFoundError as e:
+        from wbsr_train.cli import missing_torch
+
+        line = missing_torch("wbsr-export", "export", e)
+        if line is None:
+            raise
+        print(f"wbsr-export: error: {line}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # CheckpointError, BundleError, ExportError, TensorRT errors: ValueError/RuntimeError subclasses.
         print(f"wbsr-export: error: {_one_line(e)}", file=sys.stderr)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,13 +39,13 @@ from wbsr_runtime.engines import (
     normalize_compute_capability,
     profile_shapes,
 )
-from wbsr_runtime.fileio import atomic_write_bytes
 from wbsr_runtime.manifest import file_sha256 as sha256_file
 from wbsr_runtime.manifest import read_manifest_dict
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EngineBuild",
     "EngineBuildError",
     "EngineValidationError",
     "MAX_ABS_DIFF",
@@ -100,6 +100,18 @@ class BuildSettings:
     workspace: int  # bytes
     opt_level: int
     max_abs_diff: float
+    tiling: tuple[int, int]  # (patch, overlap) the profile's tiles are made of
+
+
+@dataclass
+class EngineBuild:
+    """What a build adds to a bundle, held in memory until `wbsr_export.attach.commit_engines` writes it:
+    the engine records, the new files (bundle-relative path -> bytes: plans and the updated timing cache)
+    and the files they supersede (the previous timing cache)."""
+
+    records: list[dict[str, Any]]
+    files: dict[str, bytes] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)
 
 
 def build_engines(
@@ -113,13 +125,14 @@ def build_engines(
     opt_level: int = 3,
     max_abs_diff: float | None = None,
     toolchain: Toolchain | None = None,
-) -> list[dict[str, Any]]:
+) -> EngineBuild:
     """Build (or reuse) one TensorRT engine per subnet of the bundle for this machine's GPU.
 
-    Writes `trt/subnet_XX.<key>.plan` and `trt/timing.<machine>.cache` into the bundle and returns the engine
-    records for the manifest's `engines` list (docs/bundle.md); merging them into the manifest (and adding the
-    new files' hashes) is the caller's job, e.g. with `wbsr_runtime.engines.merge_engine_records`.
-    `patch`/`overlap` default to the bundle's tiling. Raises `TensorRTUnavailable` without TensorRT.
+    Writes nothing: returns the records for the manifest's `engines` list (docs/bundle.md) with the new plan
+    files (`trt/subnet_XX.<key>.plan`) and timing cache (`trt/timing.<machine>.<sha>.cache`) in memory, so a
+    failed, refused or interrupted build leaves the bundle as it was; `commit_engines` writes them together
+    with the manifest. `patch`/`overlap` default to the bundle's tiling. Raises `TensorRTUnavailable`
+    without TensorRT.
     """
     if precision not in MAX_ABS_DIFF:
         raise ValueError(f"precision must be one of {sorted(MAX_ABS_DIFF)}, got {precision!r}")
@@ -135,14 +148,18 @@ def build_engines(
         int(workspace_mb) << 20,
         int(opt_level),
         MAX_ABS_DIFF[precision] if max_abs_diff is None else float(max_abs_diff),
+        (patch, overlap),
     )
-    cache = TimingCacheFile(bundle_dir / "trt" / f"timing.{machine_tag(toolchain)}.cache")
+    cache = TimingCache(bundle_dir, manifest, machine_tag(toolchain))
     log.info("router: no TensorRT engine (int64/float64 graph); it runs on ONNX Runtime CPU")
-    subnets = manifest["subnets"]
-    return [
-        engine_for_subnet(bundle_dir, manifest, subnet, toolchain, cache, settings)
-        for subnet in tqdm(subnets, desc="TensorRT engines", unit="engine", disable=None)
-    ]
+    build = EngineBuild([])
+    for subnet in tqdm(manifest["subnets"], desc="TensorRT engines", unit="engine", disable=None):
+        record, plan = engine_for_subnet(bundle_dir, manifest, subnet, toolchain, cache, settings)
+        build.records.append(record)
+        if plan is not None:
+            build.files[record["file"]] = plan
+    cache.add_to(build)
+    return build
 
 
 def engine_for_subnet(
@@ -150,10 +167,11 @@ def engine_for_subnet(
     manifest: dict[str, Any],
     subnet: dict[str, Any],
     toolchain: Toolchain,
-    cache: TimingCacheFile,
+    cache: TimingCache,
     settings: BuildSettings,
-) -> dict[str, Any]:
-    """This subnet's engine record: reused when one with the same key is intact, else built and validated."""
+) -> tuple[dict[str, Any], bytes | None]:
+    """This subnet's (engine record, new plan bytes): (reused record, None) when one with the same key is
+    intact, else built and validated (nothing is written)."""
     index = int(subnet["index"])
     onnx_rel = onnx_for(subnet, settings.precision)
     spec = EngineSpec(
@@ -169,10 +187,10 @@ def engine_for_subnet(
     reused = reusable_record(bundle_dir, manifest, index, spec.key)
     if reused is not None:
         log.info("subnet %d: reusing %s", index, reused["file"])
-        return reused
+        return reused, None
     log.info("subnet %d: building %s engine from %s (minutes)", index, settings.precision, onnx_rel)
     input_name, output_name = subnet.get("input", "lr"), subnet.get("output", "sr")
-    plan, cache.data = toolchain.build(
+    plan, updated = toolchain.build(
         bundle_dir / onnx_rel,
         input_name=input_name,
         profile=settings.profile,
@@ -181,17 +199,18 @@ def engine_for_subnet(
         opt_level=settings.opt_level,
         timing_cache=cache.data,
     )
-    cache.save()
+    cache.update(updated)
     diff = validate_plan(
         bundle_dir / subnet["files"]["onnx"], plan, toolchain, input_name, output_name, settings
     )
     file = engine_file(index, spec.key)
-    atomic_write_bytes(bundle_dir / file, plan)
     log.info("subnet %d: %s accepted, max |TensorRT - ORT| = %.2e", index, file, diff)
-    return make_record(index, file, spec, diff)
+    return make_record(index, file, spec, diff, settings.tiling), plan
 
 
-def make_record(target: int | str, file: str, spec: EngineSpec, max_abs_diff: float) -> dict[str, Any]:
+def make_record(
+    target: int | str, file: str, spec: EngineSpec, max_abs_diff: float, tiling: tuple[int, int]
+) -> dict[str, Any]:
     """A manifest `engines` entry (fields as in docs/bundle.md)."""
     return {
         "target": target,
@@ -206,6 +225,7 @@ def make_record(target: int | str, file: str, spec: EngineSpec, max_abs_diff: fl
         "workspace": spec.workspace,
         "opt_level": spec.opt_level,
         "max_abs_diff_vs_ort": float(max_abs_diff),
+        "tiling": {"patch": int(tiling[0]), "overlap": int(tiling[1])},
     }
 
 
@@ -310,16 +330,31 @@ def machine_tag(toolchain: Toolchain) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
-class TimingCacheFile:
-    """The serialized timing cache shared by every build of one `build_engines` call (and later calls)."""
+class TimingCache:
+    """This machine's TensorRT timing cache, shared by every build of one `build_engines` call (and later
+    ones). Its file is named by its content, `trt/timing.<machine>.<sha12>.cache`, so an update is a new file
+    that only the manifest's next commit makes current: the cache and the manifest change together."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = path.read_bytes() if path.is_file() else b""
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], tag: str) -> None:
+        self.prefix = f"trt/timing.{tag}."
+        self.file = next(
+            (r for r in sorted(manifest.get("files") or {}) if r.startswith(self.prefix) and r.endswith(".cache")),
+            None,
+        )
+        self.data = (bundle_dir / self.file).read_bytes() if self.file and (bundle_dir / self.file).is_file() else b""
+        self._loaded = self.data
 
-    def save(self) -> None:
-        if self.data:
-            atomic_write_bytes(self.path, self.data)
+    def update(self, data: bytes) -> None:
+        if data:  # an empty result (TensorRT gave no cache) keeps what we had
+            self.data = data
+
+    def add_to(self, build: EngineBuild) -> None:
+        """Put the updated cache into `build` (and the one it supersedes into `build.replaced`)."""
+        if not self.data or self.data == self._loaded:
+            return
+        build.files[f"{self.prefix}{hashlib.sha256(self.data).hexdigest()[:12]}.cache"] = self.data
+        if self.file:
+            build.replaced.append(self.file)
 
 
 # --- the only code here that touches tensorrt ---------------------------------------------------------------
@@ -327,11 +362,11 @@ class TensorRTToolchain:
     """TensorRT and this machine's GPU (device `device`), imported lazily."""
 
     def __init__(self, device: int = 0) -> None:
-        from wbsr_runtime.backends.trt import cuda_check, gpu_identity, import_cudart, import_tensorrt
+        from wbsr_runtime.backends.trt import cuda_call, gpu_identity, import_cudart, import_tensorrt
 
         self.trt, self.cudart, self.device = import_tensorrt(), import_cudart(), int(device)
         self.version = str(self.trt.__version__)
-        cuda_check(self.cudart.cudaSetDevice(self.device), "cudaSetDevice")
+        cuda_call(self.cudart.cudaSetDevice, self.device)
         self.gpu_name, self.compute_capability = gpu_identity(self.cudart, self.device)
 
     def build(self, onnx_path: Path, **kwargs: Any) -> tuple[bytes, bytes]:
@@ -375,14 +410,23 @@ def build_plan(
     shapes = builder.create_optimization_profile()
     shapes.set_shape(input_name, profile["min"], profile["opt"], profile["max"])
     config.add_optimization_profile(shapes)
-    cache = config.create_timing_cache(timing_cache)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("timing cache from another TensorRT/GPU ignored; starting an empty one")
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = timing_cache_for(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(
             f"TensorRT could not build {Path(onnx_path).name} (see the TensorRT log above)"
         )
-    return bytes(plan), bytes(cache.serialize())
+    return bytes(plan), b"" if cache is None else bytes(cache.serialize())
+
+
+def timing_cache_for(config: Any, data: bytes) -> Any:
+    """Seed `config` with a timing cache made from `data` and return it; an unusable cache (another TensorRT
+    or GPU, corrupt) is replaced by an empty one. `create_timing_cache` may return None: then the build runs
+    without a timing cache and None is returned."""
+    for blob in dict.fromkeys([bytes(data), b""]):  # the stored cache first, then an empty one
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        log.warning("TensorRT refused a %s timing cache", "stored" if blob else "new")
+    log.warning("building without a timing cache (slower builds)")
+    return None

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from wbsr_train.descriptor import classify, patch_scores
+from wbsr_train.descriptor import box_scores, classify
 
 
 def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -86,15 +86,9 @@ def box_grid(height: int, width: int, patch: int, step: int) -> np.ndarray:
 
 
 def reference_scores(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Training-code scores (descriptor.patch_scores) of the cropped boxes; frame (1, 3, H, W) float32."""
-    t = torch.from_numpy(np.array(frame, dtype=np.float32))  # a copy: the frame may be read-only
-    scores = np.zeros(len(boxes), dtype=np.float32)
-    sizes = boxes[:, 2:] - boxes[:, :2]
-    for size in np.unique(sizes, axis=0):  # boxes of one size are scored in one batch
-        idx = np.flatnonzero((sizes == size).all(1))
-        patches = [t[0, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes[idx].tolist()]
-        scores[idx] = patch_scores(torch.stack(patches)).numpy()
-    return scores
+    """Training-code scores (descriptor.box_scores) of the cropped boxes; frame (1, 3, H, W) float32."""
+    t = torch.from_numpy(np.array(frame[0], dtype=np.float32))  # a copy: the frame may be read-only
+    return box_scores(t, torch.from_numpy(np.asarray(boxes, dtype=np.int64))).numpy()
 
 
 def router_parity(

@@ -1,8 +1,11 @@
 """`wbsr-run`: upscale images, folders of images and videos with a WBSR bundle.
 
 Every bad input prints one line on stderr naming the file and is skipped; the others are still processed, a
-count of failures closes the run and the exit code is 2. SIGINT exits 130 and SIGTERM 143, after removing
-temporary files; outputs are only ever renamed into place when complete.
+count of failures closes the run and the exit code is 2. What the run would write is checked before any work
+(`wbsr_runtime.plan`): colliding outputs, unwritable folders or impossible extensions refuse the whole run in
+one line. SIGINT exits 130, SIGTERM 143 and SIGHUP 129, after removing temporary files; outputs are only ever
+published when complete, and never over an existing file without --force, even one another process has just
+written.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import signal
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,27 +21,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from wbsr_runtime import CPU_TORCH
+from wbsr_runtime.fileio import atomic_file, exit_code, interrupts_as_exceptions
 from wbsr_runtime.manifest import BundleError
-from wbsr_runtime.media import IMAGE_EXTS, MediaError, read_image, upscale_image, write_image
+from wbsr_runtime.media import (
+    DEFAULT_MAX_PIXELS,
+    MediaError,
+    pillow_pixel_limit,
+    read_image,
+    upscale_image,
+    write_image,
+)
+from wbsr_runtime.plan import Job, Plan, UsageError, plan_run, real_path
 
-DEFAULT_MAX_PIXELS = 16384 * 16384  # as wbsr_runtime.upscaler.DEFAULT_MAX_PIXELS, without importing it
 DEFAULT_MERGE = 4  # as wbsr_runtime.upscaler.DEFAULT_MERGE
-VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm")  # as wbsr_runtime.video.VIDEO_EXTS, without PyAV
 _EXPECTED = (MediaError, BundleError, OSError, ValueError)
 
-EPILOG = """\
+EPILOG = f"""\
 OUT is a file when there is one input file, else a folder (created; outputs keep the input names). Folder
 inputs are read non-recursively: files with an image (.png .jpg .jpeg .webp .tif .tiff .bmp) or video
 (.mp4 .mkv .mov .avi .webm) extension. Any other file given by name is tried as an image. Audio of a video is
-copied. --routing-map: with one image input, the map is written to that path; with several inputs, each
-image's map goes into OUT as <name>.routing.png. --stats: one input -> that call's stats; several -> a JSON
-object keyed by input path (for a video, the stats of its last frame). Exit codes: 0 ok, 2 any input failed
-or bad usage, 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C so every temporary file is cleaned up on the way out."""
+copied where the container can hold it. --routing-map: with one image input, the map is written to that path;
+with several inputs, each image's map goes into OUT as <name>.routing.png. --stats: one input -> that call's
+stats; several -> a JSON object keyed by input path (for a video, the stats of its last frame). Two outputs
+that would be the same file are refused before any work, with or without --force. --backend torch needs
+PyTorch; for the CPU build (a multi-GB CUDA build is what a plain `pip install torch` pulls on Linux):
+{CPU_TORCH}. Exit codes: 0 ok, 2 any input failed or bad usage, 130 interrupted (SIGINT), 143 terminated
+(SIGTERM), 129 hung up (SIGHUP)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,11 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--bundle", type=Path, metavar="DIR", help="bundle folder (from wbsr-export)")
     src.add_argument("--scale", type=int, metavar="S", help="use the shipped default model for scale S")
-    p.add_argument("--backend", choices=("ort", "torch", "trt", "auto"), default="auto")
+    p.add_argument(
+        "--backend",
+        choices=("ort", "torch", "trt", "auto"),
+        default="auto",
+        help="auto (default): TensorRT if the bundle has engines for this GPU, else PyTorch on CUDA, else ONNX "
+        f"Runtime's CUDA provider, else ONNX Runtime on the CPU; torch: PyTorch (CPU build: `{CPU_TORCH}`)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="cpu|cuda|cuda:N",
+        help="where to run (default: auto uses GPU 0 when it can, ort and torch the CPU, trt cuda:0)",
+    )
     p.add_argument("--mode", choices=("dynamic", "full", "whole"), default="dynamic")
     knob = p.add_mutually_exclusive_group()
-    knob.add_argument("--tolerance", type=float, metavar="DB", help="PSNR loss allowed per class (dB)")
-    knob.add_argument("--budget", type=float, metavar="F", help="FLOPs as a fraction of the full model")
+    knob.add_argument("--tolerance", type=float, metavar="DB", help="PSNR loss allowed per class (dB, >= 0)")
+    knob.add_argument("--budget", type=float, metavar="F", help="cost as a fraction of the full model's, in (0, 1]")
     p.add_argument(
         "--cost",
         choices=("flops", "measured"),
@@ -73,17 +94,61 @@ def _parser() -> argparse.ArgumentParser:
         help="run neighbouring tiles of one subnet as windows of up to N x N tiles "
         f"(default {DEFAULT_MERGE}; 0: equal tiles, as TensorRT engines take)",
     )
-    p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runners working on one frame's tiles in parallel (threads; on a GPU, streams); on the CPU the "
+        "cores are shared among them (default 1)",
+    )
     p.add_argument(
         "--max-pixels",
         type=int,
         metavar="N",
-        help=f"refuse images and video frames of more than N LR pixels (default {DEFAULT_MAX_PIXELS})",
+        help=f"refuse images and video frames of more than N LR pixels, from their header, before decoding "
+        f"(default {DEFAULT_MAX_PIXELS:,}, Pillow's own default limit; this is the only limit)",
     )
     p.add_argument("--routing-map", type=Path, metavar="PNG", help="draw the subnet chosen per tile")
     p.add_argument("--stats", type=Path, metavar="JSON", help="write the upscaler's stats as JSON")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress on stderr, e.g. which backend runs and why"
+    )
     return p
+
+
+@contextmanager
+def _verbose(on: bool) -> Iterator[None]:
+    """With -v, the runtime's INFO log lines (the backend chosen and why, measured costs) go to stderr."""
+    if not on:
+        yield
+        return
+    logger, handler = logging.getLogger("wbsr_runtime"), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("wbsr-run: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The numeric options, before anything loads (the Upscaler checks its own arguments the same way)."""
+    from wbsr_runtime.upscaler import check_options
+
+    check_options(
+        tolerance=args.tolerance,
+        budget=args.budget,
+        patch=args.patch,
+        overlap=args.overlap,
+        merge=args.merge,
+        workers=args.workers,
+        max_pixels=args.max_pixels,
+    )
 
 
 def _make_upscaler(args: argparse.Namespace) -> Any:
@@ -96,46 +161,32 @@ def _make_upscaler(args: argparse.Namespace) -> Any:
     }
     if args.bundle is None:
         kw["scale"] = 4 if args.scale is None else args.scale
-    return Upscaler(args.bundle, backend=args.backend, mode=args.mode, workers=args.workers, **kw)
-
-
-def _expand(inputs: Sequence[Path]) -> tuple[list[Path], bool]:
-    """Input files in order (folders listed, sorted, non-recursive) and whether OUT must be a folder."""
-    files: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            exts = IMAGE_EXTS | set(VIDEO_EXTS)
-            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in exts)
-        else:
-            files.append(p)  # a missing file is reported when its turn comes
-    return files, len(inputs) > 1 or any(p.is_dir() for p in inputs)
-
-
-def _out_name(src: Path) -> str:
-    ext = src.suffix.lower()
-    return src.name if ext in IMAGE_EXTS or ext in VIDEO_EXTS else src.stem + ".png"
+    return Upscaler(args.bundle, backend=args.backend, device=args.device, mode=args.mode, workers=args.workers, **kw)
 
 
 def _check_target(dst: Path, inputs: set[Path], force: bool) -> None:
-    """Refuse writing over an input, or over an existing file without --force."""
-    if dst.resolve() in inputs:
+    """Refuse writing over an input, or over an existing file without --force (checked again, atomically,
+    when the output is published: another process may create it meanwhile)."""
+    if real_path(dst) in inputs:
         raise MediaError(f"{dst}: output is also an input; refusing to overwrite it")
-    if dst.exists() and not force:
-        raise MediaError(f"{dst}: exists (use --force to overwrite)")
+    if dst.is_symlink() or dst.exists():
+        if not force:
+            raise MediaError(f"{dst}: exists (use --force to overwrite)")
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, force: bool) -> None:
     def default(o: Any) -> Any:
         if isinstance(o, np.ndarray | np.generic):
             return o.tolist()
         return str(o)
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, default=default) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_file(path, "w", overwrite=force) as f:
+            f.write(json.dumps(obj, indent=2, default=default) + "\n")
+    except FileExistsError:
+        raise MediaError(f"{path}: exists (use --force to overwrite)") from None
+    except OSError as e:
+        raise MediaError(f"{path}: cannot write stats: {e.strerror or type(e).__name__}") from None
 
 
 def _stats_dict(upscaler: Any) -> dict[str, Any] | None:
@@ -145,120 +196,134 @@ def _stats_dict(upscaler: Any) -> dict[str, Any] | None:
     return stats.as_dict() if hasattr(stats, "as_dict") else dataclasses.asdict(stats)
 
 
-def _routing_map(upscaler: Any, sr_rgb: np.ndarray, path: Path) -> None:
+def _routing_map(upscaler: Any, sr_rgb: np.ndarray, path: Path, force: bool) -> None:
     from wbsr_runtime.media import Image, draw_routing_map
 
     stats = upscaler.last_stats
     if stats is None or getattr(stats, "boxes", None) is None or getattr(stats, "subnets", None) is None:
         raise MediaError(f"{path}: no routing map in this mode (no tiles)")
     n = len(upscaler.manifest.subnets)
-    write_image(path, Image(draw_routing_map(sr_rgb, stats.boxes, stats.subnets, n, int(upscaler.scale))))
+    drawn = draw_routing_map(sr_rgb, stats.boxes, stats.subnets, n, int(upscaler.scale), labels=legend_labels(upscaler))
+    write_image(path, Image(drawn), overwrite=force)
 
 
-def _process(src: Path, dst: Path, upscaler: Any, map_path: Path | None) -> str:
-    """Upscale one input into `dst`; returns the line to print."""
-    if src.suffix.lower() in VIDEO_EXTS:
+def legend_labels(upscaler: Any) -> list[str]:
+    """One legend label per subnet: its width and depth, and its cost as a share of the full subnet's (FLOPs,
+    or the time measured at start-up with --cost measured)."""
+    subnets, costs = upscaler.manifest.subnets, np.asarray(upscaler.costs, dtype=np.float64)
+    unit = "time" if getattr(upscaler, "cost", "flops") == "measured" else "FLOPs"
+    return [f"w{s.width} d{s.depth} {100 * c / costs[-1]:.0f}% {unit}" for s, c in zip(subnets, costs, strict=True)]
+
+
+def _process(job: Job, upscaler: Any, force: bool, progress: bool) -> str:
+    """Upscale one input; returns the line to print."""
+    if job.video:
         from wbsr_runtime.video import upscale_video
 
-        r = upscale_video(src, dst, upscaler, progress=sys.stderr.isatty())
+        r = upscale_video(job.src, job.dst, upscaler, progress=progress, overwrite=force)
         audio = ", audio copied" if r.audio else ""
-        return f"{dst} ({r.frames} frames, {r.width}x{r.height} at {float(r.fps or 0):.3f} fps{audio})"
-    sr = upscale_image(read_image(src, getattr(upscaler, "max_pixels", None)), upscaler)
-    write_image(dst, sr)
-    if map_path is not None:
-        _routing_map(upscaler, sr.rgb, map_path)
-        return f"{dst} (routing map: {map_path})"
-    return str(dst)
-
-
-def _jobs(args: argparse.Namespace) -> Iterator[tuple[Path, Path, Path | None]]:
-    files, folder_out = _expand(args.inputs)
-    folder_out = folder_out or args.output.is_dir()
-    if folder_out:
-        args.output.mkdir(parents=True, exist_ok=True)
-    for src in files:
-        dst = args.output / _out_name(src) if folder_out else args.output
-        map_path = None
-        if args.routing_map is not None and src.suffix.lower() not in VIDEO_EXTS:
-            map_path = (
-                args.output / f"{Path(_out_name(src)).stem}.routing.png" if folder_out else args.routing_map
-            )
-        yield src, dst, map_path
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return f"{job.dst} ({r.frames} frames, {r.width}x{r.height} at {float(r.fps or 0):.3f} fps{audio})"
+    sr = upscale_image(read_image(job.src, getattr(upscaler, "max_pixels", None)), upscaler)
+    write_image(job.dst, sr, overwrite=force)
+    if job.routing_map is not None:
+        _routing_map(upscaler, sr.rgb, job.routing_map, force)
+        return f"{job.dst} (routing map: {job.routing_map})"
+    return str(job.dst)
 
 
 def _err(msg: str) -> None:
-    print(f"wbsr-run: error: {' '.join(msg.split())}", file=sys.stderr)
+    tqdm.write(f"wbsr-run: error: {' '.join(msg.split())}", file=sys.stderr)
 
 
-def _run_all(args: argparse.Namespace, upscaler: Any) -> tuple[int, int, dict[str, Any]]:
-    """Process every input; returns (inputs, failures, stats keyed by input)."""
-    inputs = {p.resolve() for p in _expand(args.inputs)[0]}
-    done: set[Path] = set()
-    total = failures = 0
-    stats: dict[str, Any] = {}
-    for src, dst, map_path in _jobs(args):
-        total += 1
+def _run_job(job: Job, upscaler: Any, args: argparse.Namespace, inputs: set[Path]) -> str:
+    """Check and process one job; any error comes back as one line naming the input."""
+    for target in (job.dst, job.routing_map) if job.routing_map is not None else (job.dst,):
+        _check_target(target, inputs, args.force)
+    return _process(job, upscaler, args.force, progress=sys.stderr.isatty())
+
+
+def _run_all(args: argparse.Namespace, upscaler: Any, jobs: list[Job], inputs: set[Path]) -> tuple[int, dict]:
+    """Process every job, with progress (N of M, and a bar on a terminal); returns (failures, stats)."""
+    failures, stats = 0, {}
+    n = len(jobs)
+    with tqdm(total=n, unit="file", disable=n < 2 or not sys.stderr.isatty(), leave=False) as bar:
+        for i, job in enumerate(jobs, 1):
+            try:
+                line = _run_job(job, upscaler, args, inputs)
+                tqdm.write(f"({i}/{n}) {line}" if n > 1 else line, file=sys.stdout)
+                stats[str(job.src)] = _stats_dict(upscaler)
+            except _EXPECTED as e:
+                failures += 1
+                text = str(e)
+                _err(text if str(job.src) in text or str(job.dst) in text else f"{job.src}: {text}")
+            except Exception as e:  # never a traceback: one line with the type, the run goes on
+                failures += 1
+                _err(f"{job.src}: unexpected {type(e).__name__}: {e}")
+            bar.update(1)
+    return failures, stats
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    """What the run will do, after every refusal of the whole run (UsageError, MediaError, ValueError)."""
+    _check_options(args)
+    plan = plan_run(args.inputs, args.output, args.routing_map, args.stats)
+    if args.stats is not None:
+        _check_target(args.stats, plan.inputs, args.force)
+    return plan
+
+
+def _write_stats(args: argparse.Namespace, stats: dict[str, Any], total: int) -> int:
+    """Write --stats (one input: its stats; several: keyed by input); returns the exit code it calls for."""
+    try:
+        _write_json(args.stats, next(iter(stats.values())) if total == 1 else stats, args.force)
+    except MediaError as e:  # a full disk, or a file another process created meanwhile
+        _err(str(e))
+        return 2
+    print(f"{args.stats} (stats)")
+    return 0
+
+
+def _work(args: argparse.Namespace) -> int:
+    """Everything after parsing: refusals of the whole run first, then the inputs one by one."""
+    try:
+        plan = _plan(args)
+    except (UsageError, MediaError, ValueError) as e:
+        _err(str(e))
+        return 2
+    for line in plan.failed:
+        _err(line)
+    total, failures, stats = len(plan.jobs) + len(plan.failed), len(plan.failed), {}
+    if plan.jobs:
         try:
-            if dst.resolve() in done:
-                raise MediaError(f"{src}: another input already wrote {dst}")
-            for target in (dst, map_path) if map_path is not None else (dst,):
-                _check_target(target, inputs, args.force)
-            print(_process(src, dst, upscaler, map_path), flush=True)
-            done.add(dst.resolve())
-            stats[str(src)] = _stats_dict(upscaler)
-        except _EXPECTED as e:
-            failures += 1
-            _err(str(e) if str(src) in str(e) or str(dst) in str(e) else f"{src}: {e}")
-        except Exception as e:  # never a traceback: one line with the type, the run goes on
-            failures += 1
-            _err(f"{src}: unexpected {type(e).__name__}: {e}")
-    return total, failures, stats
+            upscaler = _make_upscaler(args)
+        except Exception as e:  # missing/tampered bundle, no default model, backend unavailable
+            _err(f"{type(e).__name__}: {e}" if not isinstance(e, _EXPECTED) else str(e))
+            return 2
+        with upscaler:
+            try:  # checked by plan_run; this fails only if the filesystem changed meanwhile
+                if plan.folder is not None:
+                    plan.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                _err(f"{plan.folder}: cannot create the output folder ({e.strerror or type(e).__name__})")
+                return 2
+            failed, stats = _run_all(args, upscaler, plan.jobs, plan.inputs)
+        failures += failed
+    code = _write_stats(args, stats, total) if args.stats is not None and stats else 0
+    if failures:
+        _err(f"{failures} of {total} inputs failed")
+        return 2
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    inputs = {p.resolve() for p in _expand(args.inputs)[0]}
-    if args.stats is not None:
+    with _verbose(args.verbose), interrupts_as_exceptions(), pillow_pixel_limit(args.max_pixels or DEFAULT_MAX_PIXELS):
         try:
-            _check_target(args.stats, inputs, args.force)
-        except MediaError as e:
-            _err(str(e))
-            return 2
-    with _sigterm_as_interrupt():
-        try:
-            try:
-                upscaler = _make_upscaler(args)
-            except Exception as e:  # missing/tampered bundle, no default model, backend unavailable
-                _err(f"{type(e).__name__}: {e}" if not isinstance(e, _EXPECTED) else str(e))
-                return 2
-            with upscaler:
-                total, failures, stats = _run_all(args, upscaler)
-            if args.stats is not None and stats:
-                _atomic_json(args.stats, next(iter(stats.values())) if total == 1 else stats)
-                print(f"{args.stats} (stats)")
+            return _work(args)
         except KeyboardInterrupt as e:
-            _err("terminated" if isinstance(e, _Terminated) else "interrupted")
-            return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
-    if failures:
-        _err(f"{failures} of {total} inputs failed")
-        return 2
-    return 0
+            code = exit_code(e)
+            _err({130: "interrupted", 143: "terminated", 129: "hung up"}.get(code, "interrupted"))
+            return code
 
 
 if __name__ == "__main__":

@@ -162,6 +162,22 @@ def profile_shapes(
     return {k: [b, channels, tile, tile] for k, b in (("min", 1), ("opt", opt), ("max", int(max_batch)))}
 
 
+def engine_tiling(record: Mapping[str, Any], patch: int, overlap: int) -> tuple[int, int]:
+    """(patch, overlap) an engine was built for: its record's `tiling`, else the bundle's (`patch`, `overlap`)
+    when that gives the engine's tile size. EngineMismatch when neither fits (an engine built for other
+    tiles by an older export, which recorded no tiling)."""
+    t = record.get("tiling")
+    if t:
+        return int(t["patch"]), int(t["overlap"])
+    tile = int(record["profile"]["max"][2])
+    if patch + 2 * overlap == tile:
+        return patch, overlap
+    raise EngineMismatch(
+        f"engine {record.get('file', '?')} takes {tile}x{tile} tiles, the bundle tiles with patch {patch} + "
+        f"2 x overlap {overlap}; pass --patch P --overlap O with P + 2 x O = {tile}"
+    )
+
+
 def _describe(record: Mapping[str, Any]) -> str:
     return (
         f"TensorRT {record.get('tensorrt')} on {record.get('gpu')} "

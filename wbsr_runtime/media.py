@@ -14,11 +14,15 @@ Pillow cannot hold 16-bit colour, so 16-bit RGB(A) and gray+alpha PNGs are writt
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,12 @@ from PIL import Image as PILImage
 from .fileio import atomic_file
 
 log = logging.getLogger(__name__)
+
+# The one pixel limit of images and video frames (LR pixels): Pillow's own default MAX_IMAGE_PIXELS (about
+# 9459 x 9459; 8K frames pass). wbsr-run sets Pillow's limit to --max-pixels for the run (pillow_pixel_limit),
+# so Pillow never refuses an image that --max-pixels allows, nor lets through one it refuses.
+DEFAULT_MAX_PIXELS = 89_478_485
+_pillow_limit_lock = threading.Lock()
 
 WRITE_FORMATS = {
     ".png": "PNG",
@@ -134,25 +144,63 @@ def _to_arrays(
     return colour, alpha, colour.shape[-1] == 1
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
-    """Read an image file; any failure (missing, empty, truncated, unsupported, decompression bomb) raises
-    `MediaError` with a one-line message naming the file. Images over `PIL.Image.MAX_IMAGE_PIXELS`, or over
-    `max_pixels` when given, are refused from their header, before any pixel is decoded."""
-    path = Path(path)
+def check_regular_file(path: Path) -> None:
+    """MediaError (one line, naming `path`) unless it is a regular file that exists: a missing file, a
+    dangling link or a symlink loop, and a FIFO or a device (which would block the decoder) are refused."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        why = {errno.ENOENT: "no such file", errno.ELOOP: "symlink loop (too many levels of symbolic links)"}
+        raise MediaError(f"{path}: {why.get(e.errno, e.strerror or type(e).__name__)}") from None
     if not path.is_file():
-        raise MediaError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
-    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: not a regular file")
+    if st.st_size == 0:
         raise MediaError(f"{path}: empty file")
+
+
+@contextmanager
+def pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Set `PIL.Image.MAX_IMAGE_PIXELS` to `max_pixels` within the block (restored after), so that Pillow's
+    decompression-bomb check and `read_image(path, max_pixels)` refuse exactly the same images. For a program
+    (wbsr-run) that reads images with one limit; the setting is process-wide."""
+    with _pillow_limit_lock:
+        previous, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, int(max_pixels)
+    try:
+        yield
+    finally:
+        with _pillow_limit_lock:
+            PILImage.MAX_IMAGE_PIXELS = previous
+
+
+def _frames(im: PILImage.Image, path: Path) -> None:
+    """Refuse animations and multi-page files: upscaling only their first frame would drop the rest."""
+    n = getattr(im, "n_frames", 1)
+    if n > 1:
+        raise MediaError(
+            f"{path}: refused, {n} frames (an animation or a multi-page file); only single-frame images are "
+            "upscaled, so split it into one file per frame first"
+        )
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
+    """Read a single-frame image file; any failure (missing, empty, truncated, unsupported, animated or
+    multi-page, decompression bomb) raises `MediaError` with a one-line message naming the file. Images over
+    `max_pixels` (default DEFAULT_MAX_PIXELS) are refused from their header, before any pixel is decoded, as
+    are those over Pillow's `PIL.Image.MAX_IMAGE_PIXELS` (see `pillow_pixel_limit`)."""
+    path = Path(path)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    check_regular_file(path)
     try:
         with warnings.catch_warnings(record=True) as caught:  # e.g. corrupt EXIF: one log line, not two
             warnings.simplefilter("always")
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             with PILImage.open(path) as im:
-                if max_pixels is not None and im.width * im.height > max_pixels:
+                if im.width * im.height > limit:
                     raise MediaError(
                         f"{path}: refused, {im.width}x{im.height} = {im.width * im.height} pixels exceeds "
-                        f"the limit of {max_pixels} (--max-pixels)"
+                        f"the limit of {limit} (--max-pixels)"
                     )
+                _frames(im, path)
                 wide = _wide_rawmode(im)  # before load(), which clears im.tile
                 im.load()
                 orientation = int(im.getexif().get(0x0112, 1) or 1)
@@ -217,19 +265,23 @@ def _encode(planes: np.ndarray, fmt: str, icc: bytes | None, fh: Any) -> None:
     pil.save(fh, format=fmt, **opts)
 
 
-def write_image(path: str | os.PathLike, image: Image) -> Path:
+def write_image(path: str | os.PathLike, image: Image, *, overwrite: bool = True) -> Path:
     """Write `image` in the format of `path`'s extension, atomically: a temporary name in the same folder,
-    then `os.replace`, so a failure or interrupt never leaves a partial file under `path`. Returns `path`."""
+    then published in one step (`fileio.publish`), so a failure or interrupt never leaves a partial file under
+    `path`. Without `overwrite` an existing `path` is kept and MediaError says so, even when another process
+    created it during the write. Returns `path`."""
     path = Path(path)
     fmt = WRITE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise MediaError(f"{path}: unsupported output extension (use one of {', '.join(sorted(IMAGE_EXTS))})")
     planes = _planes(image, fmt, path)
     try:
-        with atomic_file(path) as fh:
+        with atomic_file(path, overwrite=overwrite) as fh:
             _encode(planes, fmt, image.icc_profile, fh)
     except MediaError:
         raise
+    except FileExistsError:
+        raise MediaError(f"{path}: exists (use --force to overwrite)") from None
     except (OSError, ValueError) as e:
         raise MediaError(f"{path}: cannot write image: {_one_line(e)}") from None
     return path
@@ -274,12 +326,14 @@ def draw_routing_map(
     scale: int,
     *,
     strength: float = 0.5,
+    labels: list[str] | None = None,
 ) -> np.ndarray:
     """Tint each patch of an upscaled image by the subnet that ran it and outline it (the paper's Fig. 5).
 
     image_rgb: `(H*scale, W*scale, 3)` uint8 (uint16 is reduced to 8 bits). boxes: `(n, 4)` int rows
     `y0, x0, y1, x1` in LR pixels, half-open. subnets: `(n,)` int in `0..num_subnets-1`, cheapest first.
-    strength: tint opacity in [0, 1]. Returns a new `(H*scale, W*scale, 3)` uint8 image; no legend.
+    strength: tint opacity in [0, 1]. labels: one per subnet (e.g. its width, depth and cost): a legend
+    (`routing_legend`) is appended below the image. Returns a new `(H*scale, W*scale [+ legend], 3)` uint8 image.
     """
     img = np.asarray(image_rgb)
     if img.dtype == np.uint16:
@@ -296,7 +350,27 @@ def draw_routing_map(
     ]:  # borders after all tints, so a neighbour's tint never covers them
         out[y0:y1, [x0, max(x1 - 1, x0)]] = 0.0
         out[[y0, max(y1 - 1, y0)], x0:x1] = 0.0
-    return out.round().clip(0, 255).astype(np.uint8)
+    out = out.round().clip(0, 255).astype(np.uint8)
+    return out if labels is None else np.concatenate([out, routing_legend(out.shape[1], labels)])
+
+
+def routing_legend(width: int, labels: list[str]) -> np.ndarray:
+    """A white `(h, width, 3)` uint8 strip with one colour swatch and label per subnet (cheapest first, colours
+    of `subnet_colours`), wrapped onto as many rows as `width` needs."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    colours = subnet_colours(len(labels))
+    cell = max(int(font.getlength(text)) for text in labels) + 22
+    per_row = max(1, width // cell)
+    rows = -(-len(labels) // per_row)
+    strip = PILImage.new("RGB", (width, 16 * rows + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, text in enumerate(labels):
+        x, y = (i % per_row) * cell + 2, (i // per_row) * 16 + 3
+        draw.rectangle([x, y, x + 12, y + 11], fill=tuple(int(c) for c in colours[i]), outline="black")
+        draw.text((x + 16, y), text, fill="black", font=font)
+    return np.asarray(strip)
 
 
 def __getattr__(name: str) -> Any:

@@ -14,8 +14,9 @@ Two modes, both on a low-resolution (LR) frame of `height x width` pixels:
   `patch x patch` at step `patch - overlap`, the last shifted inward, outputs averaged where they overlap.
 
 Only a frame smaller than a tile is padded (at the bottom/right, by reflection: numpy "reflect", mirrored
-without repeating the edge pixel), so every tile of a plan has the same size. Coordinates
-are LR pixels, boxes half-open `(y0, x0, y1, x1)`.
+without repeating the edge pixel), so every tile of a plan has the same size; plans made for `merge_tiles` pad
+only up to MIN_WINDOW (`plan_tiles(pad_to=...)`), so that a small or thin frame matches whole-frame inference
+as a large one does. Coordinates are LR pixels, boxes half-open `(y0, x0, y1, x1)`.
 
 `merge_tiles` turns a crop-mode plan and a label per tile (its subnet) into a plan of windows of any size, for
 backends that take any input shape: rectangles of grid-adjacent cores with one label, each cut to exactly the
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_WINDOW = 3  # the smallest window side `merge_tiles` makes: torch.export programs take h, w >= 3
+# The largest tile side (patch + 2 x overlap, LR pixels) the runtime accepts: a chunk of 16 such tiles is
+# 1M LR pixels, whose x4 float32 output is 200 MB, and a frame smaller than one tile is padded to it.
+MAX_TILE = 256
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,9 @@ class TilePlan:
     the tile clipped to the frame). `owned` (n, 4) int64: the frame region each tile's output is written to
     (crop mode: a partition of the frame; blend mode: equal to `boxes`, averaged). `origins` (n, 2) int64: the
     top-left corner of each tile window in the padded frame; `sizes` (n, 2) int64 its height and width (all
-    `tile` in a grid plan; `merge_tiles` makes larger ones). `grid`: (rows, columns) of a grid plan, whose tile
-    `i` sits at row `i // columns`; None for merged plans. `pad`: (top, bottom, left, right) padding.
+    `tile` in a grid plan, cut to a padded frame shorter than that; `merge_tiles` makes other sizes). `grid`:
+    (rows, columns) of a grid plan, whose tile `i` sits at row `i // columns`; None for merged plans. `pad`:
+    (top, bottom, left, right) padding.
     """
 
     height: int
@@ -86,11 +91,17 @@ def _axis(size: int, patch: int, step: int) -> tuple[np.ndarray, np.ndarray, np.
     return starts, ends, owned_start
 
 
-def plan_tiles(height: int, width: int, patch: int, overlap: int, blend: bool = False) -> TilePlan:
+def plan_tiles(
+    height: int, width: int, patch: int, overlap: int, blend: bool = False, pad_to: int | None = None
+) -> TilePlan:
     """Plan the tiles of an LR frame of `height x width` pixels (any size >= 1x1).
 
     Crop mode (`blend=False`): ceil(H/patch) x ceil(W/patch) tiles of `patch + 2*overlap` pixels.
     Blend mode: tiles of `patch` pixels at step `patch - overlap` (requires `overlap < patch`).
+    pad_to: an axis shorter than this (default: the tile) is padded up to it; a tile is cut to the padded
+    frame on an axis shorter than the tile. The default gives every tile its full size (fixed-shape backends
+    need that); `merge_tiles` plans pass MIN_WINDOW, so a small or thin frame is run as itself, as whole-frame
+    inference runs it, instead of being padded with reflected pixels the network would see.
     """
     if height < 1 or width < 1:
         raise ValueError(f"frame must be at least 1x1, got {height}x{width}")
@@ -109,12 +120,15 @@ def plan_tiles(height: int, width: int, patch: int, overlap: int, blend: bool = 
     # Windows stay inside the frame (shifted inward at its borders, core off-centre), so a border tile sees
     # the true frame edge exactly as whole-frame inference does; padding only where the frame is smaller.
     t = patch + 2 * ctx
-    origins = np.stack(
-        [np.clip(ys[iy] - ctx, 0, max(height - t, 0)), np.clip(xs[ix] - ctx, 0, max(width - t, 0))], axis=1
-    ).astype(np.int64)
-    pad = (0, max(t - height, 0), 0, max(t - width, 0))
-    sizes = np.full((len(boxes), 2), t, dtype=np.int64)
-    return TilePlan(height, width, patch, overlap, blend, t, pad, boxes, owned, origins, sizes, (len(ys), len(xs)))
+    least = t if pad_to is None else min(pad_to, t)
+    ph, pw = max(height, least), max(width, least)
+    th, tw = min(t, ph), min(t, pw)
+    origins = np.stack([np.clip(ys[iy] - ctx, 0, ph - th), np.clip(xs[ix] - ctx, 0, pw - tw)], axis=1)
+    pad = (0, ph - height, 0, pw - width)
+    sizes = np.tile(np.array([th, tw], dtype=np.int64), (len(boxes), 1))
+    return TilePlan(
+        height, width, patch, overlap, blend, t, pad, boxes, owned, origins.astype(np.int64), sizes, (len(ys), len(xs))
+    )
 
 
 def _runs(labels: np.ndarray, limit: int) -> list[tuple[int, int]]:
@@ -253,6 +267,17 @@ def to_hwc(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+def owned_slices(plan: TilePlan, i: int, scale: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where tile `i`'s owned region lies, at output resolution: `(rows, cols)` inside its upscaled window and
+    `(rows, cols)` in the upscaled frame."""
+    s, top, left = scale, plan.pad[0], plan.pad[2]
+    y0, x0, y1, x1 = (int(v) for v in plan.owned[i])
+    oy = y0 - (int(plan.origins[i, 0]) - top)  # owned start inside the tile, LR pixels
+    ox = x0 - (int(plan.origins[i, 1]) - left)
+    src = (slice(oy * s, (oy + y1 - y0) * s), slice(ox * s, (ox + x1 - x0) * s))
+    return src, (slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
+
+
 class Stitcher:
     """Accumulates tile outputs `(n, C, h*s, w*s)` (one window size per call) in any order, chunk by chunk,
     into `(C, H*s, W*s)` float32, or, with `dtype`, into the final `(H*s, W*s, C)` image of that dtype (see `to_hwc`).
@@ -285,14 +310,9 @@ class Stitcher:
         hwc = self._count is None and self._dtype is not None
         if hwc:
             outputs = to_hwc(outputs, self._dtype)  # (n, h*s, w*s, C), converted outside the lock
-        top, _, left, _ = self.plan.pad
         with self._lock:
             for j, i in enumerate(indices):
-                y0, x0, y1, x1 = self.plan.owned[i]
-                oy = y0 - (self.plan.origins[i, 0] - top)  # owned start inside the tile, LR pixels
-                ox = x0 - (self.plan.origins[i, 1] - left)
-                rows, cols = slice(oy * s, (oy + y1 - y0) * s), slice(ox * s, (ox + x1 - x0) * s)
-                dst = (slice(y0 * s, y1 * s), slice(x0 * s, x1 * s))
+                (rows, cols), dst = owned_slices(self.plan, int(i), s)
                 if hwc:
                     self._out[dst] = outputs[j, rows, cols]
                 elif self._count is None:

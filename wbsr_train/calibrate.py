@@ -1,8 +1,11 @@
 """Calibration of the gradient-projection router (METHOD.md section 5).
 
-On validation images, every subnet upscales every protocol tile; the mean Y-PSNR of subnet m on the tiles of
-class k fills a K x M table. The class -> subnet map for a tolerance is derived from it (cheapest subnet within
-`tolerance` dB of the class's best), and the table travels on so the runtime can re-derive maps.
+On a calibration split of the training distribution (images set aside from training, `--holdout`), every
+subnet upscales every tile of the runtime's default grid (`evaluate.RUNTIME`: 32 x 32 cores with 2 pixels of
+context); the Y-channel squared error of subnet m summed over the cores of class k, divided by their pixels,
+fills a K x M MSE table, and the share of pixels in each class gives the class frequencies. Image PSNR is a
+function of the MSE over all pixels, so the map for a budget or a tolerance is chosen on the frequency-weighted
+MSE (`wbsr_runtime.routing`); the table travels in the bundle so the runtime can re-derive maps.
 """
 
 from __future__ import annotations
@@ -11,38 +14,53 @@ import numpy as np
 import torch
 from torch import nn
 
-from wbsr_runtime.routing import tolerance_map
+from wbsr_runtime import routing
 
 from .config import SubnetSpec
-from .evaluate import tile_psnr_y, upscale_routed
+from .evaluate import RUNTIME, Tiling, tiled_runs
 
-DEFAULT_TOLERANCE_DB = 0.15  # see the README design notes
+DEFAULT_TOLERANCE_DB = 0.05  # predicted image PSNR loss against the full subnet (README: the trade-off curve)
 
 
 @torch.no_grad()
-def psnr_table(net: nn.Module, ckpt: dict, pairs: list) -> tuple[np.ndarray, np.ndarray]:
-    """(K, M) mean tile Y-PSNR of every subnet on every class, and (K,) tile counts per class.
+def mse_table(net: nn.Module, ckpt: dict, pairs: list, tiling: Tiling = RUNTIME) -> dict:
+    """(K, M) Y MSE of every subnet on the cores of every class, (K,) pixel share of each class, tile count.
 
-    A class with no validation tiles takes the mean row of all tiles, so every class has a map entry.
+    A class without calibration tiles gets frequency 0 and the mean row of all tiles (it then follows the
+    nearest class in every map, see `routing.pareto_maps`).
     """
     scale, k_count = ckpt["model_config"]["scale"], ckpt["num_classes"]
     specs = [SubnetSpec(*s) for s in ckpt["specs"]]
-    per_subnet, classes = [], None
-    for m in range(len(specs)):
-        only_m = np.full(k_count, m)
-        runs = [(upscale_routed(net, lr, scale, specs, ckpt["thresholds"], only_m), hr) for _, lr, hr in pairs]
-        per_subnet.append(np.concatenate([tile_psnr_y(r.sr, hr, r.plan.boxes, scale) for r, hr in runs]))
-        classes = np.concatenate([r.classes for r, _ in runs])
-    tiles = np.stack(per_subnet, axis=1)  # (n, M)
-    tiles = np.minimum(tiles, 100.0)  # a perfectly flat tile would be inf
-    counts = np.bincount(classes, minlength=k_count + 1)[1:]
-    table = np.array([tiles[classes == k].mean(0) if counts[k - 1] else tiles.mean(0)
+    errors, pixels, classes = [], [], []
+    for run in tiled_runs(net, pairs, specs, ckpt["thresholds"], tiling, progress="calibrate"):
+        err, pix = run.squared_errors(scale)
+        errors.append(err)
+        pixels.append(pix)
+        classes.append(run.classes)
+    errors, pixels, classes = np.concatenate(errors, axis=1), np.concatenate(pixels), np.concatenate(classes)
+    class_pixels = np.array([pixels[classes == k].sum() for k in range(1, k_count + 1)])
+    mean_row = errors.sum(axis=1) / pixels.sum()
+    table = np.array([errors[:, classes == k].sum(axis=1) / class_pixels[k - 1] if class_pixels[k - 1] else mean_row
                       for k in range(1, k_count + 1)])
-    return table, counts
+    return {"mse_table": table, "class_freq": class_pixels / class_pixels.sum(), "tiles": int(len(classes))}
 
 
-def calibrate(net: nn.Module, ckpt: dict, pairs: list, tolerance_db: float = DEFAULT_TOLERANCE_DB) -> dict:
-    """The checkpoint's `calibration` entry: table, tile counts, tolerance and the derived map."""
-    table, counts = psnr_table(net, ckpt, pairs)
-    return {"psnr_table": table.round(4).tolist(), "class_counts": counts.tolist(), "tolerance_db": tolerance_db,
-            "class_to_subnet": tolerance_map(table, tolerance_db).tolist()}
+def calibrate(net: nn.Module, ckpt: dict, pairs: list, tolerance_db: float | None = None,
+              budget: float | None = None) -> dict:
+    """The checkpoint's `calibration` entry: MSE table, class frequencies, the knob and the map it gives
+    (by FLOPs): the cheapest map within `tolerance_db` of the full subnet's predicted PSNR, or the best map
+    within `budget` x its FLOPs; the default tolerance when neither is given."""
+    if tolerance_db is not None and budget is not None:
+        raise ValueError("give a tolerance or a budget, not both")
+    stats = mse_table(net, ckpt, pairs)
+    flops = np.asarray(ckpt["flops"], dtype=np.float64)
+    if budget is None:
+        tolerance_db = DEFAULT_TOLERANCE_DB if tolerance_db is None else tolerance_db
+        class_map = routing.tolerance_map(stats["mse_table"], stats["class_freq"], flops, tolerance_db)
+    else:
+        class_map = routing.budget_map(stats["mse_table"], stats["class_freq"], flops, budget)
+    predicted = routing.predict(stats["mse_table"], stats["class_freq"], class_map, flops)
+    return {"mse_table": stats["mse_table"].tolist(), "class_freq": stats["class_freq"].tolist(),
+            "tiles": stats["tiles"], "images": len(pairs), "tiling": [RUNTIME.patch, RUNTIME.overlap],
+            "tolerance_db": tolerance_db, "budget": budget, "class_to_subnet": class_map.tolist(),
+            "predicted_loss_db": predicted.loss_db, "predicted_flops_ratio": predicted.cost}

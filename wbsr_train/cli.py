@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wbsr_runtime.fileio import atomic_file
+from wbsr_runtime import CPU_TORCH
+from wbsr_runtime.fileio import atomic_file, exit_code, interrupts_as_exceptions
 
 
 def _fail(message: str) -> int:
@@ -18,20 +19,36 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _run(fn, args) -> int:
-    """Call `fn(args)`, turning user errors into one line on stderr and exit code 2."""
+def missing_torch(prog: str, extra: str, err: ModuleNotFoundError) -> str | None:
+    """The one line for a tool run on an install without its extra (torch, onnx), or None for another
+    missing module (a real bug, left to surface)."""
+    if err.name not in ("torch", "onnx"):
+        return None
+    first = f" (for the CPU-only build of PyTorch, first: {CPU_TORCH})" if err.name == "torch" else ""
+    return f'{prog} needs {err.name}, which is not installed: pip install "wbsr-deploy[{extra}]"{first}'
+
+
+def _run(fn, args, prog: str) -> int:
+    """Call `fn(args)`, turning user errors into one line on stderr and exit code 2; SIGTERM and SIGHUP act as
+    Ctrl-C (temporary files removed, exit 128 + signal)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return fn(args)
+        with interrupts_as_exceptions():
+            return fn(args)
+    except ModuleNotFoundError as e:
+        line = missing_torch(prog, "train", e)
+        if line is None:
+            raise
+        return _fail(line)
     except (ValueError, OSError) as e:  # CheckpointError, ImageError and bad options are ValueErrors
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        return exit_code(e)
 
 
 def train_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("wbsr-train", description="Train a balanced WBSR supernet.")
-    p.add_argument("--preset", required=True, help="srresnet, rcan or srresnet-compact")
+    p.add_argument("--preset", required=True, help="lrnet (deployment-shaped), srresnet-compact, srresnet or rcan")
     p.add_argument("--scale", type=int, required=True)
     p.add_argument("--data", action="append", required=True, help="HR image folder (repeatable)")
     p.add_argument("--val", help="validation folder (e.g. Set5), evaluated whole-image")
@@ -53,9 +70,17 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad", action="store_true", default=None, help="skip unreadable images, count them")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning: new optimizer and schedule)")
+    p.add_argument("--distill", type=float, metavar="W",
+                   help="in-place distillation weight: routed subnets also regress the full subnet's output "
+                   "(default 1; 0: off)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="bf16: autocast to bfloat16 (2x faster on CPUs with AMX; default fp32)")
+    p.add_argument("--holdout", type=float, metavar="F",
+                   help="fraction of the training images set aside as the calibration split (default 0)")
+    p.add_argument("--device", help="auto (CUDA when available; default), cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    return _run(_train, p.parse_args(argv))
+    return _run(_train, p.parse_args(argv), "wbsr-train")
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -73,16 +98,35 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load(ckpt_path: str, data: str, scale: int | None):
+def _load(ckpt_path: str, data: str | None, scale: int | None):
+    """(checkpoint, supernet, (name, lr, hr) pairs): `data` a folder, or None for the checkpoint's held-out
+    calibration split."""
     from .checkpoint import load_checkpoint, supernet_from_checkpoint
-    from .data import load_pairs
+    from .data import load_pairs, load_pairs_from_files
 
     ckpt = load_checkpoint(ckpt_path)
-    if scale is not None and scale != ckpt["model_config"]["scale"]:
-        raise ValueError(f"--scale {scale} does not match the checkpoint's scale {ckpt['model_config']['scale']}")
-    if not Path(data).is_dir():
-        raise ValueError(f"{data}: no such folder")
-    return ckpt, supernet_from_checkpoint(ckpt), load_pairs(data, ckpt["model_config"]["scale"])
+    net = supernet_from_checkpoint(ckpt, ckpt_path)  # refuses a checkpoint without a (valid) model, as export does
+    if scale is not None and scale != net.cfg.scale:
+        raise ValueError(f"--scale {scale} does not match the checkpoint's scale {net.cfg.scale}")
+    if data is not None:
+        if not Path(data).is_dir():
+            raise ValueError(f"{data}: no such folder")
+        return ckpt, net, load_pairs(data, net.cfg.scale)
+    held = ckpt.get("holdout") or []
+    if not held:
+        raise ValueError(f"{ckpt_path}: no held-out calibration split (train with --holdout F); pass --data DIR")
+    missing = [p for p in held if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{missing[0]}: held-out image not found (run from where training ran, or pass --data)")
+    return ckpt, net, load_pairs_from_files(held, net.cfg.scale)
+
+
+def _knob(p: argparse.ArgumentParser, what: str) -> None:
+    knob = p.add_mutually_exclusive_group()
+    knob.add_argument("--tolerance", type=float, metavar="DB",
+                      help=f"{what} the cheapest map within DB of the full subnet's predicted image PSNR")
+    knob.add_argument("--budget", type=float, metavar="F",
+                      help=f"{what} the best map within F x the full subnet's FLOPs")
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -90,25 +134,28 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True, help="folder of HR images (or a benchmark set with HR/)")
     p.add_argument("--scale", type=int)
-    p.add_argument("--tolerance", type=float, help="re-derive the routing map from the calibration table")
+    _knob(p, "route with")
     p.add_argument("--json", help="write the report here")
-    return _run(_eval, p.parse_args(argv))
+    return _run(_eval, p.parse_args(argv), "wbsr-eval")
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from wbsr_runtime.routing import eq15_map, tolerance_map
+    from wbsr_runtime import routing
 
     from .evaluate import evaluate_model
 
     ckpt, net, pairs = _load(a.ckpt, a.data, a.scale)
     cal = ckpt.get("calibration")
-    if a.tolerance is not None and not cal:
-        raise ValueError("--tolerance needs a calibrated checkpoint: run wbsr-calibrate first")
-    if cal:
-        class_map = tolerance_map(np.array(cal["psnr_table"]), a.tolerance) if a.tolerance is not None \
-            else np.array(cal["class_to_subnet"])
+    if (a.tolerance is not None or a.budget is not None) and not cal:
+        raise ValueError("--tolerance/--budget need a calibrated checkpoint: run wbsr-calibrate first")
+    if cal and (a.tolerance is not None or a.budget is not None):
+        table, freq, flops = np.array(cal["mse_table"]), np.array(cal["class_freq"]), np.array(ckpt["flops"], float)
+        class_map = routing.tolerance_map(table, freq, flops, a.tolerance) if a.tolerance is not None \
+            else routing.budget_map(table, freq, flops, a.budget)
+    elif cal:
+        class_map = np.array(cal["class_to_subnet"])
     else:
-        class_map = eq15_map(ckpt["num_classes"], len(ckpt["specs"]))
+        class_map = routing.eq15_map(ckpt["num_classes"], len(ckpt["specs"]))
     report = evaluate_model(net, ckpt, pairs, class_map)
     report["routing"] = "calibrated" if cal else "eq15"
     print(format_report(report))
@@ -131,25 +178,30 @@ def format_report(report: dict) -> str:
 
 
 def calibrate_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser("wbsr-calibrate", description="Measure the class x subnet PSNR table.")
+    p = argparse.ArgumentParser("wbsr-calibrate", description="Measure the class x subnet MSE table.")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True, help="validation folder (never training images)")
-    p.add_argument("--tolerance", type=float, help="dB from each class's best subnet (default 0.15)")
+    p.add_argument("--data", help="calibration folder (default: the checkpoint's held-out split; never Set5/14)")
+    _knob(p, "the bundle's default map:")
     p.add_argument("--out", help="write the calibrated checkpoint here instead of updating --ckpt")
-    return _run(_calibrate, p.parse_args(argv))
+    return _run(_calibrate, p.parse_args(argv), "wbsr-calibrate")
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    from .calibrate import DEFAULT_TOLERANCE_DB, calibrate
+    from .calibrate import calibrate
     from .checkpoint import save_checkpoint
 
+    if a.tolerance is not None and not 0 <= a.tolerance < float("inf"):
+        raise ValueError(f"--tolerance must be a finite number of dB >= 0, got {a.tolerance}")
+    if a.budget is not None and not 0 < a.budget <= 1:
+        raise ValueError(f"--budget must be a fraction in (0, 1], got {a.budget}")
     ckpt, net, pairs = _load(a.ckpt, a.data, None)
-    ckpt["calibration"] = calibrate(net, ckpt, pairs, DEFAULT_TOLERANCE_DB if a.tolerance is None else a.tolerance)
+    cal = ckpt["calibration"] = calibrate(net, ckpt, pairs, a.tolerance, a.budget)
     save_checkpoint(a.out or a.ckpt, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
-    table = np.array(ckpt["calibration"]["psnr_table"])
-    print("class x subnet Y-PSNR (dB):")
-    for k, row in enumerate(table, 1):
-        print(f"  class {k:2d}: " + " ".join(f"{v:6.2f}" for v in row))
-    print(f"map (tolerance {ckpt['calibration']['tolerance_db']} dB): {ckpt['calibration']['class_to_subnet']}")
+    print(f"class x subnet Y MSE on {cal['tiles']} tiles of {cal['images']} images (class share %):")
+    for k, (row, f) in enumerate(zip(cal["mse_table"], cal["class_freq"], strict=True), 1):
+        print(f"  class {k:2d} ({100 * f:4.1f}): " + " ".join(f"{v:7.2f}" for v in row))
+    knob = f"tolerance {cal['tolerance_db']} dB" if cal["budget"] is None else f"budget {cal['budget']}"
+    print(f"map ({knob}): {cal['class_to_subnet']}, predicted {cal['predicted_loss_db']:.3f} dB below the full "
+          f"subnet at {100 * cal['predicted_flops_ratio']:.1f}% of its FLOPs")
     print(f"wrote {a.out or a.ckpt}")
     return 0

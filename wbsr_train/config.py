@@ -21,7 +21,7 @@ class ModelConfig:
     `widths` x `depths` is the subnet grid; the largest of each is the full network.
     """
 
-    arch: str  # "srresnet" (BasicSR's MSRResNet) or "rcan"
+    arch: str  # "srresnet" (BasicSR's MSRResNet), "rcan" or "lrnet" (wbsr_train.model.SlimLRNet)
     scale: int
     widths: tuple[int, ...]
     depths: tuple[int, ...]
@@ -41,8 +41,8 @@ class ModelConfig:
         return SubnetSpec(self.channels, self.blocks)
 
     def validate(self) -> None:
-        if self.arch not in ("srresnet", "rcan"):
-            raise ValueError(f"unknown architecture {self.arch!r} (expected srresnet or rcan)")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r} (expected {', '.join(ARCHS)})")
         if self.scale not in (2, 3, 4):
             raise ValueError(f"scale {self.scale} is not supported (expected 2, 3 or 4)")
         if not self.widths or not self.depths or min(self.widths) < 1 or min(self.depths) < 1:
@@ -51,12 +51,18 @@ class ModelConfig:
             raise ValueError(f"rcan widths must be >= the attention reduction {self.reduction}")
 
 
+ARCHS = ("srresnet", "rcan", "lrnet")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's grids (METHOD.md section 1).
     "srresnet": dict(arch="srresnet", widths=(36, 52, 64), depths=(4, 8, 16)),
     "rcan": dict(arch="rcan", widths=(36, 52, 64), depths=(5, 10, 20)),
     # Same structure, small enough to train on 2 CPU cores in an hour; ~5x FLOPs from smallest to largest.
     "srresnet-compact": dict(arch="srresnet", widths=(16, 24, 32), depths=(2, 4, 8)),
+    # Deployment-shaped: the whole slimmable body at LR resolution, widths in multiples of 16 (the block size
+    # of AVX-512 and tensor-core kernels; width 16 runs 1.5-2x slower per FLOP than 48 on ONNX Runtime's CPU
+    # kernels, so the grid starts at 32); 11-13x measured time from smallest to largest (README: LRNet).
+    "lrnet": dict(arch="lrnet", widths=(32, 48, 64), depths=(2, 4, 10)),
 }
 
 

@@ -6,6 +6,7 @@ The bicubic itself lives in `imresize.py` (re-exported here).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -23,6 +24,7 @@ __all__ = [
     "ImageError",
     "TrainSet",
     "augment",
+    "holdout_split",
     "imresize",
     "is_lr_folder",
     "list_images",
@@ -119,6 +121,22 @@ def list_images(folders: Sequence[str | Path], skip_lr: bool = True) -> list[Pat
     return sorted(paths)
 
 
+def holdout_split(paths: Sequence[Path], folders: Sequence[str | Path], fraction: float) -> tuple[list, list]:
+    """(kept, held out) by a fixed hash of each image's path relative to the folder it was found under.
+
+    An image is held out when sha256 of that relative path (posix), read as a number in [0, 1), is below
+    `fraction`: the split is the same on every machine and run, does not depend on which other images are
+    present, and grows monotonically with `fraction`. Held-out images are the calibration split.
+    """
+    roots = [Path(f) for f in folders]
+    kept, held = [], []
+    for path in paths:
+        root = next(r for r in roots if path.is_relative_to(r))
+        digest = hashlib.sha256(path.relative_to(root).as_posix().encode()).digest()
+        (held if int.from_bytes(digest[:8], "big") / 2**64 < fraction else kept).append(path)
+    return kept, held
+
+
 def _lr_index(lr_folders: Sequence[str | Path], scale: int) -> dict[str, Path]:
     """LR files by the stem of their HR image: `0001x4.png` and `0001.png` both answer to `0001`."""
     index = {}
@@ -152,6 +170,7 @@ class TrainSet:
     `hr[i]` is (H, W, 3) uint8 mod-cropped to `scale`; `lr[i]` is (H/s, W/s, 3) uint8, made with MATLAB
     bicubic (`make_lr`) or read from `lr_folders` (matched by file stem, `name` or `namex{s}`).
     An unreadable image raises ImageError, or with `skip_bad` is skipped and counted in `skipped`.
+    `holdout`: the fraction of images set aside (`holdout_split`), listed in `held_out`, never loaded.
     """
 
     def __init__(
@@ -160,6 +179,7 @@ class TrainSet:
         scale: int,
         skip_bad: bool = False,
         lr_folders: Sequence[str | Path] | None = None,
+        holdout: float = 0.0,
     ) -> None:
         self.scale = scale
         self.hr: list[np.ndarray] = []
@@ -167,7 +187,8 @@ class TrainSet:
         self.names: list[str] = []
         self.skipped = 0
         lr_index = _lr_index(lr_folders, scale) if lr_folders is not None else None
-        paths = list_images(folders)
+        paths, held = holdout_split(list_images(folders), folders, holdout)
+        self.held_out = [str(p) for p in held]
         for path in tqdm(paths, desc=f"loading x{scale} training images", unit="img", leave=False):
             try:
                 hr, lr = _load_pair(path, scale, lr_index)
@@ -182,7 +203,7 @@ class TrainSet:
             self.names.append(str(path))
         if not self.hr:
             raise ValueError(f"no readable training images under {', '.join(map(str, folders))}")
-        log.info("loaded %d training images (%d skipped)", len(self.hr), self.skipped)
+        log.info("loaded %d training images (%d skipped, %d held out)", len(self.hr), self.skipped, len(held))
 
     def __len__(self) -> int:
         return len(self.hr)
@@ -259,9 +280,9 @@ def load_pairs(folder: str | Path, scale: int) -> list[tuple[str, np.ndarray, np
     Grayscale images come out as 3 identical channels.
     """
     folder = Path(folder)
-    hr_dir = folder / "HR" if (folder / "HR").is_dir() else folder
-    pairs = []
-    for path in list_images([hr_dir]):
-        hr, lr = _load_pair(path, scale, None)
-        pairs.append((path.stem, lr, hr))
-    return pairs
+    return load_pairs_from_files(list_images([folder / "HR" if (folder / "HR").is_dir() else folder]), scale)
+
+
+def load_pairs_from_files(paths: Sequence[str | Path], scale: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """`load_pairs` for a list of HR image files (e.g. a checkpoint's held-out calibration split)."""
+    return [(Path(p).stem, *_load_pair(Path(p), scale, None)[::-1]) for p in paths]

@@ -31,6 +31,17 @@ def patch_scores(rgb: torch.Tensor) -> torch.Tensor:
     return g.mean(1) + g.std(1, correction=0)
 
 
+def box_scores(frame: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Scores (n,) of the boxes (n, 4) int64 `y0, x0, y1, x1` (each >= 3 x 3) of one (3, H, W) frame in
+    [0, 1]: `patch_scores` of each crop, boxes of one size scored in one batch."""
+    scores = torch.empty(len(boxes), dtype=torch.float32)
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    for size in torch.unique(sizes, dim=0):
+        idx = torch.nonzero((sizes == size).all(1)).flatten()
+        scores[idx] = patch_scores(torch.stack([frame[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes[idx].tolist()]))
+    return scores
+
+
 def thresholds_from_pool(scores: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Eq. 7: the K-1 interior quantiles t_k = sorted[floor(k N / K)], k = 1..K-1, of a pool of scores."""
     ordered = torch.sort(scores.flatten().double()).values

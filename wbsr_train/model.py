@@ -1,8 +1,9 @@
-"""Slimmable SRResNet (BasicSR's MSRResNet) and RCAN: one set of weights, many subnets.
+"""Slimmable SRResNet (BasicSR's MSRResNet), RCAN and LRNet: one set of weights, many subnets.
 
 A subnet (width w, depth d) runs every conv on its first w output channels and on the first channels of the
-incoming tensor, and only the first d residual blocks (RCAN: of every group). Parameter names and shapes are
-BasicSR's, so a plain pretrained checkpoint loads unchanged and is the full subnet.
+incoming tensor, and only the first d residual blocks (RCAN: of every group). SRResNet and RCAN keep
+BasicSR's parameter names and shapes, so a plain pretrained checkpoint loads unchanged and is the full subnet.
+LRNet is the deployment-shaped backbone: all of its slimmable work at LR resolution (METHOD.md section 1).
 """
 
 from __future__ import annotations
@@ -156,9 +157,44 @@ class SlimRCAN(nn.Module):
         return self.conv_last(out, 3) / self.IMG_RANGE + self.mean
 
 
+class SlimLRNet(nn.Module):
+    """LR-space residual network: conv_first, residual blocks, one conv to 3 * s^2 channels, one pixel
+    shuffle, plus a bilinear skip of the input (the ESPCN / IMDN / SRVGGNetCompact shape).
+
+    Every slimmable conv runs at LR resolution and the only HR-resolution work is the shuffle and the skip,
+    so a subnet's cost follows its width and depth (MSRResNet's unsliced HR tail is ~70% of its FLOPs).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, s = cfg.channels, cfg.scale
+        self.cfg = cfg
+        self.conv_first = conv3x3(3, c)
+        self.body = nn.ModuleList(ResidualBlockNoBN(c) for _ in range(cfg.blocks))
+        self.conv_up = conv3x3(c, 3 * s * s)
+        for block in self.body:  # residual branches start small (BasicSR's default_init_weights, scale 0.1)
+            for conv in (block.conv1, block.conv2):
+                nn.init.kaiming_normal_(conv.weight)
+                conv.weight.data *= 0.1
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor, spec: SubnetSpec | None = None) -> torch.Tensor:
+        """(N, 3, h, w) float32 in [0, 1] -> (N, 3, h*s, w*s), not clamped."""
+        width, depth = spec or self.cfg.full
+        s = self.cfg.scale
+        out = self.conv_first(x, width)
+        for block in self.body[:depth]:
+            out = block(out, width)
+        out = F.pixel_shuffle(self.conv_up(out, 3 * s * s), s)
+        return out + F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+
+
+ARCHS = {"srresnet": SlimMSRResNet, "rcan": SlimRCAN, "lrnet": SlimLRNet}
+
+
 def build_supernet(cfg: ModelConfig) -> nn.Module:
     cfg.validate()
-    return SlimMSRResNet(cfg) if cfg.arch == "srresnet" else SlimRCAN(cfg)
+    return ARCHS[cfg.arch](cfg)
 
 
 def count_flops(cfg: ModelConfig, spec: SubnetSpec, height: int = 32, width: int = 32) -> int:

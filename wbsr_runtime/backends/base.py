@@ -11,10 +11,11 @@ used as a context manager (`__exit__` frees sessions, engines, streams and buffe
   in 1..K. The implementation here runs the bundle's `router.onnx` with ONNX Runtime on the CPU (it is
   cheap), so backends inherit it.
 
-Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `fixed_tiles` (True when it takes
-only the bundle's tile shape, as TensorRT engines built for one profile do; then the Upscaler does not merge
-tiles into windows), `device` (a short string such as "cpu" or "cuda:0 (NVIDIA H100)"), `providers` (what
-actually runs, e.g. ORT providers).
+Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `tiling` (None when it takes
+inputs of any size; else the (patch, overlap) whose tiles, (n, 3, patch + 2 x overlap, same) with
+1 <= n <= max_batch, are the only shapes it takes, as TensorRT engines built for one profile do: the Upscaler
+then tiles with exactly that and sends nothing else), `device` (a short string such as "cpu" or
+"cuda:0 (NVIDIA H100)"), `providers` (what actually runs, e.g. ORT providers).
 
 A subclass implements `_load(index)` (build whatever runs subnet `index`, called lazily once) and
 `_infer(handle, batch)`, and releases its own resources in `close()` (calling `super().close()`).
@@ -22,6 +23,7 @@ A subclass implements `_load(index)` (build whatever runs subnet `index`, called
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import threading
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import Manifest
+from ..manifest import REBUILD, BundleError, Manifest
 from ..tiling import as_unit_float
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,78 @@ log = logging.getLogger(__name__)
 
 class BackendError(RuntimeError):
     """A backend cannot be created or run here (missing package, no GPU, silent CPU fallback, ...)."""
+
+
+def native_handle(obj: Any) -> int:
+    """The address behind a cuda-python object (`cudaStream_t`, ...) or an int. cuda-bindings 13 deprecates
+    `int(obj)` in favour of `cuda.bindings.utils.get_cuda_native_handle`; 12.x has only `int(obj)`."""
+    if isinstance(obj, int):
+        return obj
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+# The legacy default stream (0, and cudaStreamLegacy = 1) and cudaStreamPerThread (2): the design runs each
+# worker on a non-blocking stream of its own (blocking streams would serialise with the legacy one).
+DEFAULT_STREAMS = (0, 1, 2)
+
+
+def stream_handle(stream: Any) -> int:
+    """A caller's stream as an int handle; BackendError for a default stream."""
+    handle = native_handle(stream)
+    if handle in DEFAULT_STREAMS:
+        raise BackendError(
+            f"stream {handle} is a CUDA default stream; pass a non-blocking stream of your own "
+            "(cudaStreamCreateWithFlags(cudaStreamNonBlocking), torch: stream.cuda_stream, CuPy: stream.ptr)"
+        )
+    return handle
+
+
+ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu")  # both install the one `onnxruntime` package
+ORT_INSTALL = 'pip install "wbsr-deploy[cpu]" (or [ort-gpu-cu12] / [ort-gpu-cu13] for the CUDA build)'
+_ort_checked = False
+
+
+def installed_ort_builds() -> list[str]:
+    """Which ONNX Runtime distributions pip has installed here (names from ORT_BUILDS)."""
+    found = []
+    for name in ORT_BUILDS:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def ort_shadowing() -> str | None:
+    """A one-line diagnosis when the CPU and GPU builds of ONNX Runtime are both installed, else None."""
+    if len(installed_ort_builds()) < 2:
+        return None
+    return (
+        "onnxruntime and onnxruntime-gpu are both installed; they install the same `onnxruntime` package, so "
+        "whichever was installed last shadows the other: keep one (pip uninstall -y onnxruntime "
+        'onnxruntime-gpu, then pip install "wbsr-deploy[ort-gpu-cu13]" or [ort-gpu-cu12] or [cpu])'
+    )
+
+
+def import_onnxruntime() -> Any:
+    """`onnxruntime`, or BackendError saying which extra installs it; warns once when both builds are
+    installed (the runtime needs ONNX Runtime on every backend: the router always runs on it)."""
+    global _ort_checked
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError(f"ONNX Runtime is not installed: {ORT_INSTALL}") from None
+    if not _ort_checked:
+        _ort_checked = True
+        problem = ort_shadowing()
+        if problem:
+            log.warning("%s", problem)
+    return onnxruntime
 
 
 def subnet_files(manifest: Manifest, index: int) -> dict[str, str]:
@@ -53,7 +127,7 @@ class Runner:
         self.manifest = manifest
         self.worker_index = worker_index
         self.max_batch = max_batch
-        self.fixed_tiles = False
+        self.tiling: tuple[int, int] | None = None
         self.device = "cpu"
         self.providers: list[str] = []
         self._handles: dict[int, Any] = {}
@@ -82,7 +156,15 @@ class Runner:
             if index not in self._handles:
                 self._handles[index] = self._load(index)
             handle = self._handles[index]
-        return self._infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
+        out = self._infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
+        n, _, h, w = batch.shape
+        s = self.manifest.scale
+        if out.shape != (n, 3, h * s, w * s):  # e.g. a manifest whose scale the graphs do not have
+            raise BundleError(
+                f"{self.manifest.root}: subnet {index} turns {n}x3x{h}x{w} into {'x'.join(map(str, out.shape))}, "
+                f"not the manifest's x{s}; {REBUILD}"
+            )
+        return out
 
     def route(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """frame (1, 3, H, W) uint8 / uint16 or float in [0, 1], boxes (n, 4) int64 -> scores (n,) float32,
@@ -102,6 +184,12 @@ class Runner:
             sel = np.flatnonzero(group.ravel() == g)
             band = np.ascontiguousarray(as_unit_float(frame[:, :, y0:y1]))
             scores[sel], classes[sel] = self._route_band(band, boxes[sel] - np.array([y0, 0, y0, 0]))
+        k = self.manifest.router.num_classes
+        if len(classes) and not 1 <= classes.min() <= classes.max() <= k:
+            raise BundleError(
+                f"{self.manifest.root}: {self.manifest.router.file} gives classes up to {classes.max()}, but the "
+                f"manifest has {k}; {REBUILD}"
+            )
         return scores, classes
 
     def _route_band(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +225,7 @@ def session_options(threads: int) -> Any:
     many sessions don't oversubscribe the cores) that do not spin when idle, and one CPU memory arena shared by
     every session of the process, grown only by what is requested. ORT otherwise gives each session its own
     arena as large as its largest call, so M subnet sessions and the router would hold M + 1 of them."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     global _arena_registered
     with _shared_arena:
@@ -160,7 +248,7 @@ def session_options(threads: int) -> Any:
 
 def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
     """An ONNX Runtime CPU session (see `session_options`)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     opts = session_options(threads)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

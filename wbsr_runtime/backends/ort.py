@@ -2,9 +2,14 @@
 
 CPU by default, each session capped to `threads` intra-op threads so several workers don't oversubscribe the
 cores, all sessions drawing on one shared CPU memory arena (`base.session_options`). With onnxruntime-gpu
-installed, `device="cuda"` or `device="tensorrt"` asks for those execution providers explicitly; the providers a
-session actually got are checked, and a silent fallback to the CPU is refused (onnxruntime-gpu falls back
-without an error when CUDA libraries are missing).
+installed, `device="cuda[:N]"` asks for the CUDA execution provider explicitly, and `tensorrt=True` puts
+ORT's TensorRT provider before it; the providers a session actually got are checked, and a silent fallback to
+the CPU is refused (onnxruntime-gpu falls back without an error when CUDA libraries are missing).
+
+ORT's TensorRT provider builds an engine for every input shape outside its profiles, in every session. So with
+`tensorrt=True` the runner is bound to one tile, as the `trt` backend is: explicit profiles
+(`trt_profile_min/opt/max_shapes`, "name:NxCxHxW") for tiles of patch + 2 x overlap at batch 1..max_batch,
+and `tiling` set, so that the Upscaler sends those shapes only.
 """
 
 from __future__ import annotations
@@ -16,35 +21,35 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendError, Runner, session_options, subnet_files
+from ..engines import profile_shapes
+from .base import BackendError, Runner, import_onnxruntime, ort_shadowing, session_options, subnet_files
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda", "tensorrt")
+DEFAULT_MAX_BATCH = 16  # TensorRT provider profiles: as wbsr-export's default engine batch
 
 
-def _providers(device: str, device_id: int, trt_cache: Path | None, fp16: bool) -> list[Any]:
-    """The explicit provider list for `device` (most preferred first)."""
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        return [cuda, "CPUExecutionProvider"]
-    trt_opts: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": fp16}
-    if trt_cache is not None:
-        trt_opts |= {
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(trt_cache),
-            "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": str(trt_cache),
-        }
-    return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+def _device_id(device: str) -> int | None:
+    """"cpu" -> None, "cuda" / "cuda:N" -> N; BackendError otherwise."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return None
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return int(text[5:] or 0)
+    raise BackendError(f"ort device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def trt_profile_options(input_name: str, profile: dict[str, list[int]]) -> dict[str, str]:
+    """ORT TensorRT provider options for one explicit profile: "lr:1x3x36x36" etc."""
+    return {f"trt_profile_{k}_shapes": f"{input_name}:{'x'.join(map(str, profile[k]))}" for k in ("min", "opt", "max")}
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime runner. `device`: "cpu" | "cuda" | "tensorrt"; `fp16`: use `subnet_XX.fp16.onnx` graphs
-    where the bundle has them (fp32 in and out); `threads`: intra-op threads per session (CPU; default all
-    CPUs, and `open_runners` gives each of N workers 1/N of them)."""
+    """ONNX Runtime runner. `device`: "cpu" | "cuda" | "cuda:N"; `tensorrt`: ORT's TensorRT provider first (on
+    a CUDA device; fixed tiles, see the module docstring); `fp16`: use `subnet_XX.fp16.onnx` graphs where the
+    bundle has them (fp32 in and out); `threads`: intra-op threads per session (CPU; default all CPUs, and
+    `open_runners` gives each of N workers 1/N of them); `tiling`: (patch, overlap) of the tiles the
+    TensorRT provider is built for (default the bundle's; ignored otherwise: any shape runs)."""
 
     name = "ort"
 
@@ -54,30 +59,54 @@ class OrtRunner(Runner):
         worker_index: int = 0,
         *,
         device: str = "cpu",
+        tensorrt: bool = False,
         fp16: bool = False,
         threads: int | None = None,
-        device_id: int = 0,
         max_batch: int | None = None,
         trt_cache: str | Path | None = None,
+        tiling: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(manifest, worker_index, max_batch=max_batch)
-        if device not in DEVICES:
-            raise BackendError(f"ort device must be one of {DEVICES}, got {device!r}")
-        import onnxruntime as ort
-
-        self._ort = ort
-        available = ort.get_available_providers()
-        wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(device)
-        if wanted and wanted not in available:
-            raise BackendError(
-                f"ONNX Runtime here has no {wanted} (available: {', '.join(available)}); "
-                "install onnxruntime-gpu (and uninstall onnxruntime) or use device='cpu'"
-            )
+        device_id = _device_id(device)
+        if tensorrt and device_id is None:
+            raise BackendError("ORT's TensorRT provider runs on a CUDA device: use device='cuda[:N]'")
+        self._ort = import_onnxruntime()
+        self._wanted = None  # the provider that must be in every session's providers
+        if device_id is not None:
+            self._wanted = "TensorrtExecutionProvider" if tensorrt else "CUDAExecutionProvider"
+        available = self._ort.get_available_providers()
+        if self._wanted and self._wanted not in available:
+            why = ort_shadowing() or "install onnxruntime-gpu instead of onnxruntime (README: GPU install)"
+            raise BackendError(f"ONNX Runtime here has no {self._wanted} (has {', '.join(available)}): {why}")
         self.fp16 = fp16
         self.threads = threads or os.cpu_count() or 1  # open_runners shares the CPUs among workers
-        self._provider_list = _providers(device, device_id, Path(trt_cache) if trt_cache else None, fp16)
-        self.device = "cpu" if device == "cpu" else f"{device}:{device_id}"
-        self._wanted = wanted
+        self._providers = self._provider_list(device_id, tensorrt, tiling, Path(trt_cache) if trt_cache else None)
+        self.device = "cpu" if device_id is None else f"cuda:{device_id}"
+
+    def _provider_list(
+        self, device_id: int | None, tensorrt: bool, tiling: tuple[int, int] | None, cache: Path | None
+    ) -> list[Any]:
+        """The explicit provider list (most preferred first); binds the runner to one tile for TensorRT."""
+        if device_id is None:
+            return ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+        if not tensorrt:
+            return [cuda, "CPUExecutionProvider"]
+        self.tiling = tiling or (self.manifest.tiling.patch, self.manifest.tiling.overlap)
+        self.max_batch = self.max_batch or self.manifest.tiling.max_batch or DEFAULT_MAX_BATCH
+        inputs = {s.input for s in self.manifest.subnets}
+        if len(inputs) != 1:
+            raise BackendError(f"subnets have different input names {sorted(inputs)}; re-export the bundle")
+        opts: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": self.fp16}
+        opts |= trt_profile_options(inputs.pop(), profile_shapes(*self.tiling, self.max_batch))
+        if cache is not None:
+            opts |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache),
+            }
+        return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
 
     def _load(self, index: int) -> Any:
         files = subnet_files(self.manifest, index)
@@ -85,7 +114,7 @@ class OrtRunner(Runner):
         if self.fp16 and not files.get("onnx_fp16"):
             log.warning("bundle has no fp16 graph for subnet %d; using fp32", index)
         session = self._ort.InferenceSession(
-            str(self.manifest.path(rel)), sess_options=session_options(self.threads), providers=self._provider_list
+            str(self.manifest.path(rel)), sess_options=session_options(self.threads), providers=self._providers
         )
         got = session.get_providers()
         if self._wanted and self._wanted not in got:

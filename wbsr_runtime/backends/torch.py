@@ -8,8 +8,14 @@ Embedding in a GPU pipeline (PyTorch, pycuda, DeepStream) without host copies:
     runner = TorchRunner(manifest, device="cuda", stream=handle)   # handle: int cudaStream_t, or a
                                                                     # torch.cuda.Stream / ExternalStream
     sr = runner.run_tensor(index, lr)    # lr: (n, 3, h, w) float32 CUDA tensor in [0, 1] on runner's device
-    # `sr` is (n, 3, h*s, w*s) on the same device, enqueued on `runner.stream` and NOT synchronised: make
-    # your stream wait on it (`your_stream.wait_stream(runner.stream)`) or call `runner.stream.synchronize()`.
+    # `sr` is (n, 3, h*s, w*s) on the same device. The work runs on `runner.stream` and is NOT synchronised
+    # with the host, but the stream that was current at the call waits for it: use `sr` on that stream.
+
+Stream hygiene (PyTorch's caching allocator reuses a freed block as soon as the stream that allocated it is
+done with it, and runner streams are non-blocking, so nothing orders them with the default stream): a
+runner loads and casts its weights on its own stream, so its first forwards wait for them; `run_tensor`
+makes its stream wait for the caller's, marks `lr` as used on its stream and `sr` as used on the caller's
+(`Tensor.record_stream`), so neither block is reused while the other stream may still read it.
 
 For a raw device pointer, wrap it first (e.g. `torch.as_tensor` on a CuPy array, or DLPack
 `torch.from_dlpack`). `run_subnet` (numpy in, numpy out) synchronises before returning. torch is imported
@@ -19,13 +25,18 @@ lazily, when a runner is created.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
 
-from .base import BackendError, Runner, subnet_files
+from .base import BackendError, Runner, stream_handle, subnet_files
 
 log = logging.getLogger(__name__)
+
+# torch.export.load keeps its deserializer in a module global ("_CURRENT_DESERIALIZER is already set" when
+# two threads load at once), and the scheduler's workers load their programs lazily, concurrently.
+_LOAD_LOCK = threading.Lock()
 
 
 def _import_torch() -> Any:
@@ -52,6 +63,7 @@ class TorchRunner(Runner):
         stream: Any = None,
         max_batch: int | None = None,
         threads: int | None = None,
+        tiling: tuple[int, int] | None = None,  # accepted for the common interface: any shape runs here
     ) -> None:
         super().__init__(manifest, worker_index, max_batch=max_batch)
         torch = self._torch = _import_torch()
@@ -59,8 +71,10 @@ class TorchRunner(Runner):
         if self._dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise BackendError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here")
-            if isinstance(stream, int):
-                stream = torch.cuda.ExternalStream(stream, device=self._dev)
+            self._dev = torch.device("cuda", self._dev.index or 0)  # "cuda" -> "cuda:0": tensors say cuda:0
+            if stream is not None:  # an int cudaStream_t, or a torch stream; never a default stream
+                handle = stream_handle(stream if isinstance(stream, int) else stream.cuda_stream)
+                stream = torch.cuda.ExternalStream(handle, device=self._dev) if isinstance(stream, int) else stream
             self.stream = stream if stream is not None else torch.cuda.Stream(device=self._dev)
             self.device = f"{self._dev} ({torch.cuda.get_device_name(self._dev)})"
         elif stream is not None:
@@ -77,13 +91,22 @@ class TorchRunner(Runner):
         if not rel:
             raise BackendError(f"bundle has no torch program for subnet {index}; re-export it (wbsr-export)")
         torch = self._torch
-        program = torch.export.load(str(self.manifest.path(rel)))
-        if self._dev.type != "cpu":
-            from torch.export.passes import move_to_device_pass
+        with _LOAD_LOCK:
+            program = torch.export.load(str(self.manifest.path(rel)))
+        if self.stream is None:
+            module = program.module()
+            return module.half() if self.fp16 else module
+        from torch.export.passes import move_to_device_pass
 
-            program = move_to_device_pass(program, self._dev)
-        module = program.module()
-        return module.half() if self.fp16 else module
+        with torch.cuda.stream(self.stream):  # weights copied (and cast) on the stream that will read them
+            module = move_to_device_pass(program, self._dev).module()
+            return module.half() if self.fp16 else module
+
+    def _module(self, index: int) -> Any:
+        with self._lock:
+            if index not in self._handles:
+                self._handles[index] = self._load(index)
+            return self._handles[index]
 
     def _forward(self, module: Any, x: Any) -> Any:
         with self._torch.inference_mode():
@@ -91,17 +114,23 @@ class TorchRunner(Runner):
         return y.float()
 
     def run_tensor(self, index: int, lr: Any) -> Any:
-        """(n, 3, h, w) float32 tensor on the runner's device -> (n, 3, h*s, w*s) float32 on the same device,
-        enqueued on `self.stream` (CUDA) without synchronising."""
-        with self._lock:
-            if index not in self._handles:
-                self._handles[index] = self._load(index)
-        module = self._handles[index]
+        """(n, 3, h, w) float32 tensor in [0, 1] on the runner's device -> (n, 3, h*s, w*s) float32 on the same
+        device. On CUDA: enqueued on `self.stream`, not synchronised with the host; the stream current at the
+        call is made to wait for it, so `sr` is ready on that stream (see the module docstring)."""
+        if lr.device != self._dev:
+            raise ValueError(f"lr is on {lr.device}, the runner on {self._dev}")
+        module = self._module(index)
         if self.stream is None:
             return self._forward(module, lr)
-        self.stream.wait_stream(self._torch.cuda.current_stream(self._dev))  # lr may come from that stream
-        with self._torch.cuda.stream(self.stream):
-            return self._forward(module, lr)
+        torch = self._torch
+        caller = torch.cuda.current_stream(self._dev)
+        self.stream.wait_stream(caller)  # lr may still be being written on the caller's stream
+        lr.record_stream(self.stream)  # ... and is read on ours: its block must outlive our reads
+        with torch.cuda.stream(self.stream):
+            sr = self._forward(module, lr)
+        caller.wait_stream(self.stream)
+        sr.record_stream(caller)  # allocated on our stream, used on the caller's
+        return sr
 
     def _infer(self, handle: Any, batch: np.ndarray) -> np.ndarray:
         torch = self._torch

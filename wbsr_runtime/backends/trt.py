@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engines import EngineMismatch, TensorRTUnavailable, find_engine, rebuild_command
-from .base import BackendError, Runner
+from ..engines import EngineMismatch, TensorRTUnavailable, engine_tiling, find_engine, rebuild_command
+from .base import BackendError, Runner, native_handle, stream_handle
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def import_cudart() -> Any:
 
 
 class CudaError(BackendError):
-    """A CUDA runtime call failed."""
+    """A CUDA runtime call failed (or no usable NVIDIA driver is here)."""
 
 
 def cuda_check(result: Any, what: str) -> Any:
@@ -69,9 +69,22 @@ def cuda_check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def cuda_call(fn: Any, *args: Any) -> Any:
+    """Call cuda-python runtime function `fn` and check its `(err, *values)` result (`cuda_check`).
+
+    Without a driver, cuda-python 13 returns an error code but 12.x raises RuntimeError ("Failed to dlopen
+    libcuda.so.1"): both become a one-line `CudaError`."""
+    what = getattr(fn, "__name__", "CUDA call")
+    try:
+        result = fn(*args)
+    except RuntimeError as err:
+        raise CudaError(f"{what} failed: no usable NVIDIA driver here ({err})") from None
+    return cuda_check(result, what)
+
+
 def gpu_identity(cudart: Any, device: int) -> tuple[str, str]:
     """(GPU name, compute capability "M.m") of CUDA device `device`: the same strings export records."""
-    props = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    props = cuda_call(cudart.cudaGetDeviceProperties, device)
     name = props.name
     if isinstance(name, bytes):
         name = name.split(b"\0", 1)[0].decode(errors="replace")
@@ -86,8 +99,8 @@ class _PinnedBuffer:
         self._cudart, self.nbytes = cudart, 4 * int(count)
         self.host_ptr = self.device_ptr = 0
         try:
-            self.host_ptr = int(cuda_check(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost"))
-            self.device_ptr = int(cuda_check(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
+            self.host_ptr = native_handle(cuda_call(cudart.cudaMallocHost, self.nbytes))
+            self.device_ptr = native_handle(cuda_call(cudart.cudaMalloc, self.nbytes))
         except BaseException:
             self.free()
             raise
@@ -96,11 +109,11 @@ class _PinnedBuffer:
 
     def free(self) -> None:
         if self.device_ptr:
-            cuda_check(self._cudart.cudaFree(self.device_ptr), "cudaFree")
+            cuda_call(self._cudart.cudaFree, self.device_ptr)
             self.device_ptr = 0
         if self.host_ptr:
             self.host = None
-            cuda_check(self._cudart.cudaFreeHost(self.host_ptr), "cudaFreeHost")
+            cuda_call(self._cudart.cudaFreeHost, self.host_ptr)
             self.host_ptr = 0
 
 
@@ -161,21 +174,12 @@ class TrtEngine:
         self._set_shape(batch.shape)  # refuse shapes outside the profile before touching the buffers
         n_in = batch.size
         self._in.host[:n_in] = batch.reshape(-1)
-        cuda_check(
-            cudart.cudaMemcpyAsync(
-                self._in.device_ptr, self._in.host_ptr, 4 * n_in, kind.cudaMemcpyHostToDevice, stream
-            ),
-            "cudaMemcpyAsync H2D",
-        )
+        h2d, d2h = kind.cudaMemcpyHostToDevice, kind.cudaMemcpyDeviceToHost
+        cuda_call(cudart.cudaMemcpyAsync, self._in.device_ptr, self._in.host_ptr, 4 * n_in, h2d, stream)
         out_shape = self.enqueue(self._in.device_ptr, self._out.device_ptr, batch.shape, stream)
         n_out = int(np.prod(out_shape))
-        cuda_check(
-            cudart.cudaMemcpyAsync(
-                self._out.host_ptr, self._out.device_ptr, 4 * n_out, kind.cudaMemcpyDeviceToHost, stream
-            ),
-            "cudaMemcpyAsync D2H",
-        )
-        cuda_check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        cuda_call(cudart.cudaMemcpyAsync, self._out.host_ptr, self._out.device_ptr, 4 * n_out, d2h, stream)
+        cuda_call(cudart.cudaStreamSynchronize, stream)
         return self._out.host[:n_out].reshape(out_shape).copy()
 
     def close(self) -> None:
@@ -239,11 +243,9 @@ def run_plan_once(
     trt: Any, cudart: Any, plan: bytes, batch: np.ndarray, input_name: str, output_name: str, device: int = 0
 ) -> np.ndarray:
     """Run a plan once on a host batch, on its own stream: what `wbsr-export --trt` validates engines with."""
-    cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
+    cuda_call(cudart.cudaSetDevice, device)
     runtime, engine = deserialize(trt, plan)
-    stream = int(
-        cuda_check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
-    )
+    stream = native_handle(cuda_call(cudart.cudaStreamCreateWithFlags, cudart.cudaStreamNonBlocking))
     runner = None
     try:
         runner = TrtEngine(trt, cudart, engine, input_name, output_name)
@@ -251,7 +253,7 @@ def run_plan_once(
     finally:
         if runner is not None:
             runner.close()
-        cuda_check(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+        cuda_call(cudart.cudaStreamDestroy, stream)
         del engine, runtime
 
 
@@ -264,9 +266,49 @@ def _device_ordinal(device: int | str) -> int:
     return int(text or 0)
 
 
+def machine_engines(
+    manifest: Any,
+    trt: Any,
+    cudart: Any,
+    device: int,
+    *,
+    precision: str | None = None,
+    tiling: tuple[int, int] | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """("cuda:N (GPU name)", one engine record per subnet) built for this TensorRT and GPU, all of one
+    precision and one tile size (`tiling`'s when given, else the first subnet's); EngineMismatch naming what
+    is missing and the command that builds it. Selects device `device` on the calling thread."""
+    cuda_call(cudart.cudaSetDevice, device)
+    gpu, cc = gpu_identity(cudart, device)
+    tile = None if tiling is None else tiling[0] + 2 * tiling[1]
+    records: list[dict[str, Any]] = []
+    for i in range(len(manifest.subnets)):
+        record = find_engine(
+            [dict(r) for r in manifest.engines],
+            i,
+            trt_version=trt.__version__,
+            gpu_name=gpu,
+            compute_capability=cc,
+            tile=tile,
+            precision=precision,
+            bundle=rebuild_target(manifest.root, tiling),
+        )
+        precision, tile = record["precision"], int(record["profile"]["max"][2])
+        records.append(record)
+    return f"cuda:{device} ({gpu})", records
+
+
+def rebuild_target(root: object, tiling: tuple[int, int] | None) -> str:
+    """The bundle argument of the rebuild command (`wbsr-export --bundle ARG --trt`), followed by the tiling
+    flags when a tiling was asked for."""
+    return f"{root}" if tiling is None else f"{root} --patch {tiling[0]} --overlap {tiling[1]}"
+
+
 class TrtRunner(Runner):
     """Runs the bundle's TensorRT engines on one non-blocking CUDA stream (its own, or `stream`, a caller's
-    `cudaStream_t` handle as an int). Refuses engines built for another TensorRT version or GPU."""
+    `cudaStream_t` handle as an int; never a default stream). Refuses engines built for another TensorRT
+    version or GPU. Bound to the engines' tile: `tiling` = (patch, overlap) picks the engines for
+    patch + 2 x overlap tiles; None takes the bundle's engines and their recorded tiling."""
 
     name = "trt"
 
@@ -280,6 +322,7 @@ class TrtRunner(Runner):
         precision: str | None = None,
         fp16: bool | None = None,
         max_batch: int | None = None,
+        tiling: tuple[int, int] | None = None,
     ) -> None:
         """`device`: CUDA ordinal (or "cuda:N"); `precision`/`fp16`: which engines to use when the bundle has
         both (default: the first recorded for this machine); `max_batch`: cap below the engines' profile."""
@@ -288,39 +331,28 @@ class TrtRunner(Runner):
         self._device_index, self._stream, self._owns_stream = _device_ordinal(device), 0, False
         if precision is None and fp16 is not None:
             precision = "fp16" if fp16 else "fp32"
-        self._records = self._check_engines(precision)
+        self.device, self._records = machine_engines(
+            manifest, self._trt, self._cudart, self._device_index, precision=precision, tiling=tiling
+        )
+        self.tiling = tiling or engine_tiling(self._records[0], manifest.tiling.patch, manifest.tiling.overlap)
         self.max_batch = min(int(r["profile"]["max"][0]) for r in self._records)
-        self.fixed_tiles = True  # engines are built for the bundle's tile (wbsr_runtime.engines.profile_shapes)
         if max_batch is not None:
             self.max_batch = max(1, min(self.max_batch, int(max_batch)))
-        self.providers = [f"TensorRT {self._trt.__version__}"]
+        self.providers = [f"TensorRT {self._trt.__version__}", self._records[0]["precision"]]
         if stream is None:
             flags = self._cudart.cudaStreamNonBlocking
-            self._stream = int(cuda_check(self._cudart.cudaStreamCreateWithFlags(flags), "cudaStreamCreate"))
+            self._stream = native_handle(cuda_call(self._cudart.cudaStreamCreateWithFlags, flags))
             self._owns_stream = True
         else:
-            self._stream = int(stream)
+            self._stream = stream_handle(stream)
 
-    def _check_engines(self, precision: str | None) -> list[dict[str, Any]]:
-        cuda_check(self._cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
-        gpu, cc = gpu_identity(self._cudart, self._device_index)
-        self.device = f"cuda:{self._device_index} ({gpu})"
-        engines = [dict(r) for r in self.manifest.engines]
-        bundle = self.manifest.root
-        return [
-            find_engine(
-                engines,
-                i,
-                trt_version=self._trt.__version__,
-                gpu_name=gpu,
-                compute_capability=cc,
-                precision=precision,
-                bundle=bundle,
-            )
-            for i in range(len(self.manifest.subnets))
-        ]
+    def _bind(self) -> None:
+        """Make the runner's GPU current on the calling thread: the CUDA device is per-thread state, and the
+        scheduler calls from its worker threads, so engines, contexts and buffers would land on GPU 0."""
+        cuda_call(self._cudart.cudaSetDevice, self._device_index)
 
     def _load(self, index: int) -> TrtEngine:
+        self._bind()
         record, subnet = self._records[index], self.manifest.subnets[index]
         path = self.manifest.path(record["file"])
         engine = _ENGINES.acquire(self._trt, path, self._device_index, self.manifest.root)
@@ -331,27 +363,31 @@ class TrtRunner(Runner):
             raise
 
     def _infer(self, handle: TrtEngine, batch: np.ndarray) -> np.ndarray:
-        cuda_check(self._cudart.cudaSetDevice(self._device_index), "cudaSetDevice")  # per-thread state
+        self._bind()
         return handle.execute(batch, self._stream)
 
     def run_subnet_device(
         self, index: int, in_ptr: int, out_ptr: int, shape: Sequence[int], stream: int | None = None
     ) -> tuple[int, ...]:
-        """Enqueue subnet `index` on device buffers: `in_ptr` holds (n, 3, h, w) float32 contiguous, `out_ptr`
-        receives (n, 3, h*s, w*s) float32. Asynchronous on `stream` (default: the runner's); the caller
-        synchronises. Returns the output shape."""
+        """Enqueue subnet `index` on device buffers of the runner's GPU: `in_ptr` holds (n, 3, T, T) float32
+        contiguous (T = patch + 2 x overlap of `self.tiling`, n <= max_batch), `out_ptr` receives
+        (n, 3, T*s, T*s) float32. Asynchronous on `stream` (default: the runner's; never a default stream);
+        the caller synchronises. Returns the output shape."""
+        stream = self._stream if stream is None else stream_handle(stream)
         with self._lock:
             if index not in self._handles:
                 self._handles[index] = self._load(index)
             handle = self._handles[index]
-        cuda_check(self._cudart.cudaSetDevice(self._device_index), "cudaSetDevice")
-        return handle.enqueue(in_ptr, out_ptr, shape, self._stream if stream is None else int(stream))
+        self._bind()
+        return handle.enqueue(in_ptr, out_ptr, shape, stream)
 
     def synchronize(self) -> None:
         """Wait for everything enqueued on the runner's stream."""
-        cuda_check(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        cuda_call(self._cudart.cudaStreamSynchronize, self._stream)
 
     def close(self) -> None:
+        if self._stream or self._handles:
+            self._bind()
         if self._stream and self._handles:
             self.synchronize()
         for index, handle in list(self._handles.items()):
@@ -359,6 +395,6 @@ class TrtRunner(Runner):
             _ENGINES.release(self.manifest.path(self._records[index]["file"]), self._device_index)
         self._handles.clear()
         if self._owns_stream and self._stream:
-            cuda_check(self._cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+            cuda_call(self._cudart.cudaStreamDestroy, self._stream)
         self._stream, self._owns_stream = 0, False
         super().close()
