@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def quality(a: argparse.Namespace) -> dict[str, float]:
                    str(a.quality), "--lr", "1e-3", "--precision", precision, "--holdout", str(a.holdout),
                    "--out", str(Path(tmp) / f"{precision}.pt")]
             procs[precision] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                env={"OMP_NUM_THREADS": str(a.threads), **_env()})
+                                                env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
         out = {}
         for precision, proc in procs.items():
             if proc.wait() != 0:
@@ -104,12 +105,6 @@ def quality(a: argparse.Namespace) -> dict[str, float]:
             lines = (Path(tmp) / f"{precision}.jsonl").read_text().splitlines()
             out[precision] = [json.loads(s) for s in lines if "val_psnr_y_full" in s][-1]["val_psnr_y_full"]
         return out
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:

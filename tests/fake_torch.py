@@ -17,6 +17,7 @@ Modules are what `torch.export.load(...).module()` returns for the bundles of `t
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import sys
 import threading
 from pathlib import Path
@@ -238,6 +239,7 @@ class FakeTorch:
     def install(self, monkeypatch: Any) -> FakeTorch:
         passes = ModuleType("torch.export.passes")
         passes.move_to_device_pass = self.move_to_device_pass
+        self.__spec__ = importlib.machinery.ModuleSpec("torch", None)  # importlib.util.find_spec reads it
         monkeypatch.setitem(sys.modules, "torch", self)
         monkeypatch.setitem(sys.modules, "torch.export", self.export)
         monkeypatch.setitem(sys.modules, "torch.export.passes", passes)

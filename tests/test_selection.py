@@ -159,7 +159,8 @@ def test_cli_device_and_the_choice_line(bundle: Path, tmp_path: Path, capsys, no
     assert capsys.readouterr().err == ""  # stderr is for errors unless -v
     assert cli.main([*argv, "-o", str(tmp_path / "c.png"), "-v"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("wbsr-run: backend ort on cpu: auto with --device cpu: ONNX Runtime")
+    assert len(err) == 2 and err[0].startswith("wbsr-run: backend ort on cpu: auto with --device cpu: ONNX Runtime")
+    assert err[1].startswith("wbsr-run: routing map [")  # and the map's predicted loss and cost
     for device, message in (("cuda", "no backend can run on cuda:0 here"), ("gpu", "unknown device 'gpu'")):
         out = tmp_path / f"{device}.png"
         assert cli.main([str(src), "-o", str(out), "--bundle", str(bundle), "--device", device]) == 2

@@ -20,7 +20,7 @@ SAMPLE = Path(__file__).parents[1] / "wbsr_runtime" / "samples" / "butterfly.png
 def test_default_bundle_loads_and_verifies(scale: int) -> None:
     manifest = load_manifest(default_bundle(scale))  # sha256 of every file checked
     assert manifest.scale == scale and len(manifest.subnets) == 9
-    assert manifest.routing.psnr_table is not None  # calibrated: --tolerance / --budget work
+    assert manifest.routing.mse_table is not None and manifest.model["arch"] == "lrnet"  # calibrated: knobs work
 
 
 @pytest.mark.parametrize("scale", [2, 4])
