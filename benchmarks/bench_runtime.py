@@ -316,7 +316,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             ups.append(_imdn(args, Path(stack.enter_context(tempfile.TemporaryDirectory()))))
         if ups[0].scale != args.scale:
             raise ValueError(f"bundle {args.bundle} is x{ups[0].scale}, --scale is {args.scale}")
-        flops_pp = [np.array([s.flops_per_patch for s in u.manifest.subnets], dtype=np.float64) for u in ups]
+        flops_pp = [np.array([s.flops_per_patch for s in u.manifest.subnets], dtype=np.float64)
+                    for u in ups[: len(rows)]]
         maps = [u.class_map.tolist() for u in ups[: len(rows)]]
         for name, lr, hr in tqdm(pairs, desc="images", file=sys.stderr):
             for i, res in enumerate(_time_image(lr, args.scale, ups, args.repeats)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +69,10 @@ def test_imresize_gray_upscale_and_errors() -> None:
         make_lr(_rgb(10, 10), 4)
 
 
-def test_imresize_large_image_is_fast() -> None:
-    img = _rgb(1500, 1000)
-    start = time.perf_counter()
-    out = make_lr(img, 4)
-    assert out.shape == (375, 250, 3)
-    assert time.perf_counter() - start < 2.0
+def test_imresize_large_image_shape() -> None:
+    # speed is a benchmark's business (no timing assertions in tests); this checks a large frame's geometry
+    out = make_lr(_rgb(1500, 1000), 4)
+    assert out.shape == (375, 250, 3) and out.dtype == np.uint8
 
 
 def test_mod_crop() -> None:
