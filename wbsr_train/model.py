@@ -41,6 +41,11 @@ class ResidualBlockNoBN(nn.Module):
         return x + self.conv2(F.relu(self.conv1(x, width)), width)
 
 
+def _residual_trunk(cfg: ModelConfig) -> tuple[SlimConv2d, nn.ModuleList]:
+    """conv_first and the residual blocks shared by MSRResNet and LRNet (BasicSR's names and order)."""
+    return conv3x3(3, cfg.channels), nn.ModuleList(ResidualBlockNoBN(cfg.channels) for _ in range(cfg.blocks))
+
+
 class SlimMSRResNet(nn.Module):
     """MSRResNet: conv_first, residual blocks, pixel-shuffle upsampler, conv_hr, conv_last, bilinear skip."""
 
@@ -48,8 +53,7 @@ class SlimMSRResNet(nn.Module):
         super().__init__()
         c, s = cfg.channels, cfg.scale
         self.cfg = cfg
-        self.conv_first = conv3x3(3, c)
-        self.body = nn.ModuleList(ResidualBlockNoBN(c) for _ in range(cfg.blocks))
+        self.conv_first, self.body = _residual_trunk(cfg)
         # x2 and x3 shuffle once by the scale, x4 twice by 2.
         self.shuffles = [2, 2] if s == 4 else [s]
         self.upconv1 = conv3x3(c, c * self.shuffles[0] ** 2)
@@ -169,8 +173,7 @@ class SlimLRNet(nn.Module):
         super().__init__()
         c, s = cfg.channels, cfg.scale
         self.cfg = cfg
-        self.conv_first = conv3x3(3, c)
-        self.body = nn.ModuleList(ResidualBlockNoBN(c) for _ in range(cfg.blocks))
+        self.conv_first, self.body = _residual_trunk(cfg)
         self.conv_up = conv3x3(c, 3 * s * s)
         for block in self.body:  # residual branches start small (BasicSR's default_init_weights, scale 0.1)
             for conv in (block.conv1, block.conv2):
