@@ -427,6 +427,7 @@ def test_bad_input_fails_by_name_or_gives_a_correct_output(
         assert err[1] == "wbsr-run: error: 1 of 1 inputs failed"
 
 
+@pytest.mark.slow
 def test_whole_corpus_in_one_subprocess_run(bundle: Path, tmp_path: Path) -> None:
     """One process, every input: the batch goes on after each failure, stderr holds only one-line errors."""
     pytest.importorskip("av")

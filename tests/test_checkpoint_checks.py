@@ -154,6 +154,7 @@ def test_the_refused_pickle_is_explained_in_our_own_words(tmp_path: Path, capsys
     ],
     ids=["wbsr-train", "wbsr-eval", "wbsr-calibrate", "wbsr-export"],
 )
+@pytest.mark.slow
 def test_tools_without_torch_say_which_extra_to_install(tmp_path: Path, tool: str, call: str, extra: str) -> None:
     code = f"import sys; sys.modules['torch'] = None; {call}; sys.exit(m(argv))"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
@@ -178,6 +179,7 @@ def test_sigterm_to_wbsr_export_leaves_no_temporary_folder(tiny_checkpoint: Path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_to_wbsr_train_exits_143_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     data = ROOT / "tests" / "data" / "Set5" / "HR"

@@ -135,6 +135,7 @@ def _script(tmp_path: Path, argv: list[str], delay: float = 0.0) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.slow
 def test_subprocess_bad_inputs_no_traceback(tmp_path: Path) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("hi")
@@ -147,6 +148,7 @@ def test_subprocess_bad_inputs_no_traceback(tmp_path: Path) -> None:
     assert (tmp_path / "o" / "a.png").is_file()
 
 
+@pytest.mark.slow
 def test_real_upscaler_subprocess(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     from tests.nearest_bundle import build_nearest_bundle
@@ -167,6 +169,7 @@ def test_real_upscaler_subprocess(tmp_path: Path) -> None:
     assert (tmp_path / "o" / "a.routing.png").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_during_video_leaves_nothing(tmp_path: Path) -> None:
     pytest.importorskip("av")
     from tests.test_video import make_clip

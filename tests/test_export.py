@@ -217,6 +217,7 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_checkpoint: Path, tmp_path: Path,
     assert list(existing.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bundle_trt_without_torch_or_tensorrt(tiny_bundle: Path) -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"

@@ -145,6 +145,7 @@ def test_write_manifest_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
     assert file_sha256(tmp_path / "b" / "router.onnx") == manifest["files"]["router.onnx"]
 
 
+@pytest.mark.slow
 def test_manifest_module_runs_without_torch() -> None:
     code = "import sys; sys.modules['torch'] = None; import wbsr_runtime.manifest, wbsr_runtime.routing"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -96,6 +96,7 @@ def test_publishing_never_replaces_a_file_another_process_wrote_meanwhile(tmp_pa
     assert _run([src, "-o", dst, "--force"], capsys)[0] == 0 and read_image(dst).rgb.shape == (24, 32, 3)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_output_never_both_win(tmp_path: Path) -> None:
     src, dst = _png(tmp_path / "a.png"), tmp_path / "b.png"
     code = (

@@ -78,6 +78,7 @@ def _standin_command(argv: list[str], delay: float) -> list[str]:
     "sig, code, word",
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
 )
+@pytest.mark.slow
 def test_interrupted_video_leaves_no_output(tmp_path: Path, sig: int, code: int, word: str) -> None:
     pytest.importorskip("av")
     from tests.test_video import make_clip

@@ -250,6 +250,7 @@ def test_eval_bad_input(tmp_path: Path, trained: Path) -> None:
     assert code == 2 and "does not match" in err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -176,6 +176,7 @@ def test_threads_share_one_upscaler(nn_bundle: Path) -> None:
         np.testing.assert_array_equal(results[i], hwc_nearest(img, 2))
 
 
+@pytest.mark.slow
 def test_runtime_works_without_torch(nn_bundle: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
@@ -200,6 +201,7 @@ def test_runtime_works_without_torch(nn_bundle: Path) -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_vapoursynth_filter_is_optional() -> None:
     """Without VapourSynth the runtime imports as ever, and the filter module says what to install."""
     code = textwrap.dedent("""
