@@ -222,6 +222,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if done % cfg.val_every == 0 or done == cfg.iters:
             save(done)
     if world > 1:
+        torch.distributed.barrier()  # no rank tears its connections down while another still saves
         torch.distributed.destroy_process_group()
     return metrics
 
