@@ -194,18 +194,18 @@ def test_sigterm_during_video_leaves_nothing(tmp_path: Path) -> None:
 def test_merge_option_reaches_the_upscaler(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("onnx")
     from tests.nearest_bundle import build_nearest_bundle
-    from wbsr_runtime import upscaler
+    from wbsr_runtime import defaults
 
-    assert (cli.DEFAULT_MERGE, cli.DEFAULT_MAX_PIXELS) == (upscaler.DEFAULT_MERGE, upscaler.DEFAULT_MAX_PIXELS)
     bundle = build_nearest_bundle(tmp_path / "bundle", patch=8, overlap=2)
     src = _png(tmp_path / "a.png", 40, 40)
     base = [str(src), "--bundle", str(bundle), "--backend", "ort", "--mode", "full"]
     windows = {}
-    for merge in ("0", "4"):
-        assert cli.main([*base, "-o", str(tmp_path / f"o{merge}.png"), "--merge", merge,
+    for merge in ("0", "4", None):
+        given = [] if merge is None else ["--merge", merge]
+        assert cli.main([*base, "-o", str(tmp_path / f"o{merge}.png"), *given,
                          "--stats", str(tmp_path / f"s{merge}.json")]) == 0
         windows[merge] = json.loads((tmp_path / f"s{merge}.json").read_text())["windows"]
-    assert windows == {"0": 25, "4": 4}  # 5 x 5 tiles; merged into 4 + 1 columns by 4 + 1 rows
+    assert defaults.MERGE == 4 and windows == {"0": 25, "4": 4, None: 4}  # 5 x 5 tiles; 4 + 1 columns by 4 + 1 rows
     assert (tmp_path / "o0.png").read_bytes() == (tmp_path / "o4.png").read_bytes()
     capsys.readouterr()
     assert cli.main([*base, "-o", str(tmp_path / "bad.png"), "--merge", "-1"]) == 2

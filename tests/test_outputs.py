@@ -18,8 +18,9 @@ import pytest
 from PIL import Image as PILImage
 
 from tests.standin import NearestUpscaler
-from wbsr_runtime import cli
-from wbsr_runtime.media import DEFAULT_MAX_PIXELS, read_image
+from wbsr_runtime import cli, fileio
+from wbsr_runtime.defaults import MAX_PIXELS
+from wbsr_runtime.media import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_BUNDLE = ["--bundle", "/nonexistent/bundle"]  # a refusal that comes before the model loads never sees this
@@ -146,7 +147,7 @@ def test_stats_on_a_full_disk_is_one_line(tmp_path: Path, standin, monkeypatch, 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cli.json, "dumps", full)  # what writing the stats hits when the disk is full
+    monkeypatch.setattr(fileio.json, "dumps", full)  # what writing the stats hits when the disk is full
     code, out, err = _run([src, "-o", tmp_path / "b.png", "--stats", tmp_path / "s.json"], capsys)
     assert code == 2 and err == [f"wbsr-run: error: {tmp_path / 's.json'}: cannot write stats: {os.strerror(28)}"]
     assert (tmp_path / "b.png").is_file() and not (tmp_path / "s.json").exists()
@@ -196,8 +197,8 @@ def test_help_states_workers_torch_install_and_the_one_pixel_limit(capsys) -> No
     text = " ".join(capsys.readouterr().out.split())
     assert "--workers N runners working on one frame's tiles in parallel" in text
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
-    assert f"(default {DEFAULT_MAX_PIXELS:,}, Pillow's own default limit; this is the only limit)" in text
-    assert DEFAULT_MAX_PIXELS == PILImage.MAX_IMAGE_PIXELS  # Pillow's default, untouched outside a run
+    assert f"(default {MAX_PIXELS:,}, Pillow's own default limit; this is the only limit)" in text
+    assert MAX_PIXELS == PILImage.MAX_IMAGE_PIXELS  # Pillow's default, untouched outside a run
 
 
 def _gray_png_header(width: int, height: int) -> bytes:
@@ -222,8 +223,8 @@ def test_max_pixels_is_the_one_limit_pillow_included(tmp_path: Path, capsys) -> 
     code, _, err = _run([big, "-o", tmp_path / "o.png", "--max-pixels", "91000000", *bundle], capsys)
     assert code == 2 and "cannot read image" in err[0] and "exceeds" not in err[0], err
     code, _, err = _run([big, "-o", tmp_path / "o.png", *bundle], capsys)  # the default limit is Pillow's
-    assert code == 2 and "exceeds" in err[0] and f"{DEFAULT_MAX_PIXELS}" in err[0], err
-    assert PILImage.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS  # restored after the run
+    assert code == 2 and "exceeds" in err[0] and f"{MAX_PIXELS}" in err[0], err
+    assert PILImage.MAX_IMAGE_PIXELS == MAX_PIXELS  # restored after the run
 
 
 def test_stats_of_a_folder_run_name_every_input(tmp_path: Path, standin, capsys) -> None:

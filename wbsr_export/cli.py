@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from wbsr_runtime.fileio import exit_code, interrupts_as_exceptions
+from wbsr_runtime import defaults
+from wbsr_runtime.fileio import exit_code, interrupts_as_exceptions, one_line
 
 from .errors import ParityError
 
@@ -25,31 +26,32 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", type=Path, help="checkpoint written by wbsr-train / wbsr-calibrate")
     src.add_argument("--bundle", type=Path, help="existing bundle to add TensorRT engines to (with --trt)")
-    p.add_argument("--out", type=Path, help="bundle folder (default: engines/<checkpoint stem>)")
+    p.add_argument("--out", type=Path, help=f"bundle folder (default: {defaults.EXPORT_DIR}/<checkpoint stem>)")
     p.add_argument(
-        "--fp16", action="store_true", help="also export fp16 graphs; build fp16 engines with --trt"
+        "--fp16",
+        action="store_true",
+        help=f"also export fp16 graphs; with --trt build fp16 engines (default {defaults.ENGINE_PRECISION})",
     )
     p.add_argument("--trt", action="store_true", help="build TensorRT engines for this GPU (needs tensorrt)")
-    p.add_argument("--max-batch", type=int, default=None, help="largest patch batch (default 16)")
-    p.add_argument("--patch", type=int, default=None, help="default LR core patch size (default 32)")
-    p.add_argument("--overlap", type=int, default=None, help="LR context on each side of a patch (default 2)")
+    p.add_argument("--max-batch", type=int, help=f"largest tile batch (default {defaults.MAX_BATCH})")
+    p.add_argument("--patch", type=int, help=f"default LR core tile size (default {defaults.PATCH})")
+    p.add_argument("--overlap", type=int, help=f"LR context on each side of a tile (default {defaults.OVERLAP})")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-torch-programs", action="store_true", help="skip the torch.export .pt2 programs")
-    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit (MiB)")
-    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level (0-5)")
+    p.add_argument("--workspace-mb", type=int, help=f"TensorRT workspace limit (MiB; default {defaults.WORKSPACE_MB})")
+    p.add_argument("--opt-level", type=int, help=f"TensorRT builder optimisation (0-5; default {defaults.OPT_LEVEL})")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The options the user gave; the others take the library's defaults (`wbsr_runtime.defaults`)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def _engine_options(args: argparse.Namespace) -> dict:
-    return dict(
-        precision="fp16" if args.fp16 else "fp32",
-        max_batch=args.max_batch,
-        patch=args.patch,
-        overlap=args.overlap,
-        workspace_mb=args.workspace_mb,
-        opt_level=args.opt_level,
-    )
+    precision = {"precision": "fp16"} if args.fp16 else {}
+    return {**precision, **_given(args, "max_batch", "patch", "overlap", "workspace_mb", "opt_level")}
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -65,17 +67,9 @@ def _run(args: argparse.Namespace) -> str:
         return f"added {len(records)} TensorRT engines to {args.bundle}"
     from .bundle import export_bundle  # imports torch: only on this path
 
-    out = args.out if args.out is not None else Path("engines") / args.ckpt.stem
-    export_bundle(
-        args.ckpt,
-        out,
-        fp16=args.fp16,
-        max_batch=args.max_batch or 16,
-        patch=32 if args.patch is None else args.patch,
-        overlap=2 if args.overlap is None else args.overlap,
-        force=args.force,
-        torch_programs=not args.no_torch_programs,
-    )
+    out = args.out if args.out is not None else Path(defaults.EXPORT_DIR) / args.ckpt.stem
+    export_bundle(args.ckpt, out, fp16=args.fp16, force=args.force, torch_programs=not args.no_torch_programs,
+                  **_given(args, "max_batch", "patch", "overlap"))
     if args.trt:
         records = add_engines(out, **_engine_options(args))
         return f"wrote bundle {out} with {len(records)} TensorRT engines"
@@ -101,14 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # CheckpointError, BundleError, ExportError, TensorRT errors: ValueError/RuntimeError subclasses.
-        print(f"wbsr-export: error: {_one_line(e)}", file=sys.stderr)
+        print(f"wbsr-export: error: {one_line(e)}", file=sys.stderr)
         return 1 if isinstance(e, ParityError) else 2
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

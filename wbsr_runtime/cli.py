@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,11 +22,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from wbsr_runtime import CPU_TORCH
-from wbsr_runtime.fileio import atomic_file, exit_code, interrupts_as_exceptions
+from wbsr_runtime import CPU_TORCH, defaults
+from wbsr_runtime.fileio import exit_code, interrupts_as_exceptions, one_line, write_json
 from wbsr_runtime.manifest import BundleError
 from wbsr_runtime.media import (
-    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTS,
+    VIDEO_EXTS,
     MediaError,
     pillow_pixel_limit,
     read_image,
@@ -36,13 +36,12 @@ from wbsr_runtime.media import (
 )
 from wbsr_runtime.plan import Job, Plan, UsageError, plan_run, real_path
 
-DEFAULT_MERGE = 4  # as wbsr_runtime.upscaler.DEFAULT_MERGE
 _EXPECTED = (MediaError, BundleError, OSError, ValueError)
 
 EPILOG = f"""\
 OUT is a file when there is one input file, else a folder (created; outputs keep the input names). Folder
-inputs are read non-recursively: files with an image (.png .jpg .jpeg .webp .tif .tiff .bmp) or video
-(.mp4 .mkv .mov .avi .webm) extension. Any other file given by name is tried as an image. Audio of a video is
+inputs are read non-recursively: files with an image ({' '.join(sorted(IMAGE_EXTS))}) or video
+({' '.join(VIDEO_EXTS)}) extension. Any other file given by name is tried as an image. Audio of a video is
 copied where the container can hold it. --routing-map: with one image input, the map is written to that path;
 with several inputs, each image's map goes into OUT as <name>.routing.png. --stats: one input -> that call's
 stats; several -> a JSON object keyed by input path (for a video, the stats of its last frame). Two outputs
@@ -66,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--scale", type=int, metavar="S", help="use the shipped default model for scale S")
     p.add_argument(
         "--backend",
-        choices=("ort", "torch", "trt", "auto"),
-        default="auto",
+        choices=defaults.BACKENDS,
         help="auto (default): TensorRT if the bundle has engines for this GPU, else PyTorch on CUDA, else ONNX "
         f"Runtime's CUDA provider, else ONNX Runtime on the CPU; torch: PyTorch (CPU build: `{CPU_TORCH}`)",
     )
@@ -76,13 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="cpu|cuda|cuda:N",
         help="where to run (default: auto uses GPU 0 when it can, ort and torch the CPU, trt cuda:0)",
     )
-    p.add_argument("--mode", choices=("dynamic", "full", "whole"), default="dynamic")
+    p.add_argument("--mode", choices=defaults.MODES, help=f"default {defaults.MODES[0]}")
     knob = p.add_mutually_exclusive_group()
     knob.add_argument("--tolerance", type=float, metavar="DB", help="PSNR loss allowed per class (dB, >= 0)")
     knob.add_argument("--budget", type=float, metavar="F", help="cost as a fraction of the full model's, in (0, 1]")
     p.add_argument(
         "--cost",
-        choices=("flops", "measured"),
+        choices=defaults.COSTS,
         help="rank subnets by FLOPs (default) or by their time measured on this backend at start-up",
     )
     p.add_argument("--patch", type=int, metavar="P", help="LR tile core size (default: the bundle's)")
@@ -92,12 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run neighbouring tiles of one subnet as windows of up to N x N tiles "
-        f"(default {DEFAULT_MERGE}; 0: equal tiles, as TensorRT engines take)",
+        f"(default {defaults.MERGE}; 0: equal tiles, as TensorRT engines take)",
     )
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
         metavar="N",
         help="runners working on one frame's tiles in parallel (threads; on a GPU, streams); on the CPU the "
         "cores are shared among them (default 1)",
@@ -107,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help=f"refuse images and video frames of more than N LR pixels, from their header, before decoding "
-        f"(default {DEFAULT_MAX_PIXELS:,}, Pillow's own default limit; this is the only limit)",
+        f"(default {defaults.MAX_PIXELS:,}, Pillow's own default limit; this is the only limit)",
     )
     p.add_argument("--routing-map", type=Path, metavar="PNG", help="draw the subnet chosen per tile")
     p.add_argument("--stats", type=Path, metavar="JSON", help="write the upscaler's stats as JSON")
@@ -154,14 +151,9 @@ def _check_options(args: argparse.Namespace) -> None:
 def _make_upscaler(args: argparse.Namespace) -> Any:
     from wbsr_runtime.upscaler import Upscaler
 
-    kw = {
-        k: getattr(args, k)
-        for k in ("tolerance", "budget", "cost", "patch", "overlap", "merge", "max_pixels")
-        if getattr(args, k) is not None
-    }
-    if args.bundle is None:
-        kw["scale"] = 4 if args.scale is None else args.scale
-    return Upscaler(args.bundle, backend=args.backend, device=args.device, mode=args.mode, workers=args.workers, **kw)
+    given = ("scale", "backend", "device", "mode", "tolerance", "budget", "cost", "patch", "overlap", "merge",
+             "workers", "max_pixels")  # the others take the Upscaler's defaults
+    return Upscaler(args.bundle, **{k: getattr(args, k) for k in given if getattr(args, k) is not None})
 
 
 def _check_target(dst: Path, inputs: set[Path], force: bool) -> None:
@@ -175,14 +167,8 @@ def _check_target(dst: Path, inputs: set[Path], force: bool) -> None:
 
 
 def _write_json(path: Path, obj: Any, force: bool) -> None:
-    def default(o: Any) -> Any:
-        if isinstance(o, np.ndarray | np.generic):
-            return o.tolist()
-        return str(o)
-
     try:
-        with atomic_file(path, "w", overwrite=force) as f:
-            f.write(json.dumps(obj, indent=2, default=default) + "\n")
+        write_json(path, obj, overwrite=force)
     except FileExistsError:
         raise MediaError(f"{path}: exists (use --force to overwrite)") from None
     except OSError as e:
@@ -232,7 +218,7 @@ def _process(job: Job, upscaler: Any, force: bool, progress: bool) -> str:
 
 
 def _err(msg: str) -> None:
-    tqdm.write(f"wbsr-run: error: {' '.join(msg.split())}", file=sys.stderr)
+    tqdm.write(f"wbsr-run: error: {one_line(msg)}", file=sys.stderr)
 
 
 def _run_job(job: Job, upscaler: Any, args: argparse.Namespace, inputs: set[Path]) -> str:
@@ -317,7 +303,7 @@ def _work(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with _verbose(args.verbose), interrupts_as_exceptions(), pillow_pixel_limit(args.max_pixels or DEFAULT_MAX_PIXELS):
+    with _verbose(args.verbose), interrupts_as_exceptions(), pillow_pixel_limit(args.max_pixels or defaults.MAX_PIXELS):
         try:
             return _work(args)
         except KeyboardInterrupt as e:

@@ -9,6 +9,7 @@ caught and may leave one behind, which no later run treats as an output (it is s
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import tempfile
@@ -117,3 +118,23 @@ def atomic_file(
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_file(path, parents=True) as f:
         f.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> None:
+    """Write `obj` as indented JSON, atomically (`atomic_file`); numpy arrays and scalars become lists and
+    numbers, anything else JSON has no type for its `str`."""
+
+    def default(o: Any) -> Any:
+        return o.tolist() if hasattr(o, "tolist") else str(o)
+
+    with atomic_file(path, "w", overwrite=overwrite, encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, default=default) + "\n")
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """`message` (a text or an exception) as one line, for a user: whitespace folded, cut to `limit`
+    characters; an exception without a message gives its type's name."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

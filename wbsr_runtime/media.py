@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from .fileio import atomic_file
+from . import defaults
+from .fileio import atomic_file, one_line
 
 log = logging.getLogger(__name__)
 
-# The one pixel limit of images and video frames (LR pixels): Pillow's own default MAX_IMAGE_PIXELS (about
-# 9459 x 9459; 8K frames pass). wbsr-run sets Pillow's limit to --max-pixels for the run (pillow_pixel_limit),
-# so Pillow never refuses an image that --max-pixels allows, nor lets through one it refuses.
-DEFAULT_MAX_PIXELS = 89_478_485
+# defaults.MAX_PIXELS is the one pixel limit of images and video frames (LR pixels): Pillow's own default
+# MAX_IMAGE_PIXELS (about 9459 x 9459; 8K frames pass). wbsr-run sets Pillow's limit to --max-pixels for the run
+# (pillow_pixel_limit), so Pillow never refuses an image that --max-pixels allows, nor lets through one it refuses.
 _pillow_limit_lock = threading.Lock()
 
 WRITE_FORMATS = {
@@ -50,6 +50,7 @@ WRITE_FORMATS = {
     ".bmp": "BMP",
 }
 IMAGE_EXTS = frozenset(WRITE_FORMATS)
+VIDEO_EXTS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi", ".webm": "webm"}  # -> container
 _ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
@@ -72,11 +73,6 @@ class Image:
     gray: bool = False
     format: str | None = None
     icc_profile: bytes | None = None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) < 200 else text[:197] + "..."
 
 
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
@@ -185,10 +181,10 @@ def _frames(im: PILImage.Image, path: Path) -> None:
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
     """Read a single-frame image file; any failure (missing, empty, truncated, unsupported, animated or
     multi-page, decompression bomb) raises `MediaError` with a one-line message naming the file. Images over
-    `max_pixels` (default DEFAULT_MAX_PIXELS) are refused from their header, before any pixel is decoded, as
+    `max_pixels` (default `defaults.MAX_PIXELS`) are refused from their header, before any pixel is decoded, as
     are those over Pillow's `PIL.Image.MAX_IMAGE_PIXELS` (see `pillow_pixel_limit`)."""
     path = Path(path)
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    limit = defaults.MAX_PIXELS if max_pixels is None else max_pixels
     check_regular_file(path)
     try:
         with warnings.catch_warnings(record=True) as caught:  # e.g. corrupt EXIF: one log line, not two
@@ -209,11 +205,11 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image:
     except MediaError:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:
-        raise MediaError(f"{path}: refused, too many pixels ({_one_line(e)})") from None
+        raise MediaError(f"{path}: refused, too many pixels ({one_line(e, 200)})") from None
     except Exception as e:  # a decoder boundary: Pillow raises many types on corrupt data
-        raise MediaError(f"{path}: cannot read image: {type(e).__name__}: {_one_line(e)}") from None
+        raise MediaError(f"{path}: cannot read image: {type(e).__name__}: {one_line(e, 200)}") from None
     for w in caught:
-        log.warning("%s: %s", path, _one_line(w.message))
+        log.warning("%s: %s", path, one_line(w.message, 200))
     colour, alpha = _orient(colour, orientation), None if alpha is None else _orient(alpha, orientation)
     rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else colour
     return Image(np.ascontiguousarray(rgb), alpha, gray, fmt, icc)
@@ -283,7 +279,7 @@ def write_image(path: str | os.PathLike, image: Image, *, overwrite: bool = True
     except FileExistsError:
         raise MediaError(f"{path}: exists (use --force to overwrite)") from None
     except (OSError, ValueError) as e:
-        raise MediaError(f"{path}: cannot write image: {_one_line(e)}") from None
+        raise MediaError(f"{path}: cannot write image: {one_line(e, 200)}") from None
     return path
 
 
@@ -374,7 +370,7 @@ def routing_legend(width: int, labels: list[str]) -> np.ndarray:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("upscale_video", "VideoResult", "VIDEO_EXTS"):
+    if name in ("upscale_video", "VideoResult"):
         from wbsr_runtime import video  # lazy: PyAV is optional
 
         return getattr(video, name)

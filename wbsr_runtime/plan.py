@@ -14,9 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .media import IMAGE_EXTS
-
-VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm")  # as wbsr_runtime.video.VIDEO_EXTS, without PyAV
+from .media import IMAGE_EXTS, VIDEO_EXTS
 
 
 class UsageError(ValueError):
@@ -66,7 +64,7 @@ def _expand(inputs: list[Path], plan: Plan) -> list[Path]:
     """Input files in order: folders listed (sorted, non-recursive, media extensions only); a folder with
     none is a failed input. A missing or looping file is kept: it is reported when its turn comes."""
     files: list[Path] = []
-    exts = IMAGE_EXTS | set(VIDEO_EXTS)
+    exts = IMAGE_EXTS | VIDEO_EXTS.keys()
     for p in inputs:
         if not p.is_dir():
             files.append(p)
@@ -106,7 +104,7 @@ def plan_run(inputs: list[Path], output: Path, routing_map: Path | None, stats: 
 
 def _check_extension(job: Job) -> None:
     """A single output file must have an extension its writer takes (an image's or a video's)."""
-    exts = VIDEO_EXTS if job.video else tuple(sorted(IMAGE_EXTS))
+    exts = tuple(VIDEO_EXTS) if job.video else tuple(sorted(IMAGE_EXTS))
     what = "a video" if job.video else "an image"
     if job.dst.suffix.lower() not in exts:
         found = f"extension {job.dst.suffix!r}" if job.dst.suffix else "no extension"

@@ -26,9 +26,9 @@ import numpy as np
 
 from . import routing
 from .backends import choose_backend, open_runners
+from .defaults import MAX_PIXELS
 from .graphs import check_graphs
 from .manifest import BundleError, Manifest, load_manifest
-from .media import DEFAULT_MAX_PIXELS
 from .scheduler import run_tiles
 from .tiling import MAX_TILE, MIN_WINDOW, as_unit_float, merge_tiles, pad_frame, plan_tiles, route_boxes, to_hwc
 
@@ -256,7 +256,7 @@ class Upscaler:
         overlap: int | None = None,
         merge: int = DEFAULT_MERGE,
         workers: int = 1,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = MAX_PIXELS,
         chunk: int | None = None,
         verify: bool = True,
         **backend_opts: Any,

@@ -29,7 +29,7 @@ except ImportError as err:  # the runtime works without it; only this module nee
         "wbsr_runtime.vapoursynth needs VapourSynth: pip install 'wbsr-deploy[cpu,vapoursynth]' (Python >= 3.12)"
     ) from err
 
-from .media import _one_line
+from .fileio import one_line
 from .upscaler import Upscaler
 
 # The RGB formats the Upscaler takes as they are: uint8, uint16 (full 16 bits), float16 and float32 samples.
@@ -113,7 +113,7 @@ def _open_upscalers(bundle: str | Path | None, options: dict[str, Any], workers:
     except Exception as err:  # bundle, backend and knob errors: one line, as everywhere in the runtime
         for up in ups:
             up.close()
-        raise _error(_one_line(err)) from None
+        raise _error(one_line(err, 200)) from None
     return ups
 
 
@@ -128,7 +128,7 @@ def _frame_function(
             sr = up.upscale(np.stack([np.asarray(f[p]) for p in range(3)], axis=-1))
             st = up.last_stats
         except Exception as err:
-            raise _error(f"frame {n}: {type(err).__name__}: {_one_line(err)}") from None
+            raise _error(f"frame {n}: {type(err).__name__}: {one_line(err, 200)}") from None
         finally:
             pool.put(up)
         out = vs.core.create_video_frame(fmt, width, height)

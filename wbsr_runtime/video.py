@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from wbsr_runtime.fileio import publish
-from wbsr_runtime.media import MediaError, _one_line, check_regular_file
+from wbsr_runtime.fileio import one_line, publish
+from wbsr_runtime.media import VIDEO_EXTS, MediaError, check_regular_file
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi", ".webm": "webm"}
 # Container -> (encoder, its options): constant quality everywhere (x264 CRF 18; VP9 CRF 24 with no bitrate
 # cap, multi-threaded rows; MPEG-4 Part 2 quantiser 2, set as qscale in `_open_output`).
 ENCODERS = {
@@ -137,7 +136,7 @@ def _open_input(av: Any, src: Path) -> tuple[Any, Any, Any]:
     try:
         inp = av.open(str(src))
     except Exception as e:
-        raise MediaError(f"{src}: cannot open video: {_one_line(e)}") from None
+        raise MediaError(f"{src}: cannot open video: {one_line(e, 200)}") from None
     if not inp.streams.video:
         inp.close()
         raise MediaError(f"{src}: no video stream")
@@ -211,7 +210,7 @@ def _open_output(
         try:
             oaudio = out.add_stream_from_template(astream)
         except Exception as e:  # e.g. a codec this container cannot hold: keep the video, say so
-            log.warning("audio not copied (%s)", _one_line(e))
+            log.warning("audio not copied (%s)", one_line(e, 200))
     return out, ostream, oaudio
 
 
@@ -270,7 +269,7 @@ def upscale_video(
         if isinstance(e, FileExistsError):
             raise MediaError(f"{dst}: exists (use --force to overwrite)") from None
         if isinstance(e, av.FFmpegError):
-            raise MediaError(f"{src}: video error: {_one_line(e)}") from None
+            raise MediaError(f"{src}: video error: {one_line(e, 200)}") from None
         raise
     finally:
         inp.close()
