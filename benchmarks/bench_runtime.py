@@ -201,9 +201,9 @@ def _probe(frame: np.ndarray, bundle: Path, opts: dict[str, Any]) -> dict[str, A
 
 def _large(args: argparse.Namespace, rows: list[tuple[str, Path, dict[str, Any]]]) -> dict[str, Any]:
     """Memory of the tiled rows on a large frame and on its quarter: extra = a + b * (input + output bytes)."""
-    from wbsr_train.data import read_image
+    from wbsr_train.data import read_rgb8
 
-    img = read_image(args.large)
+    img = read_rgb8(args.large)
     h, w = args.large_height, args.large_width
     reps = (-(-h // img.shape[0]), -(-w // img.shape[1]))
     frame = np.ascontiguousarray(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wbsr_runtime.media import MediaError
 from wbsr_train.data import (
-    ImageError,
     TrainSet,
     augment,
     imresize,
@@ -17,7 +17,7 @@ from wbsr_train.data import (
     load_pairs,
     make_lr,
     mod_crop,
-    read_image,
+    read_rgb8,
 )
 
 SET5 = Path(__file__).parent / "data" / "Set5"
@@ -88,7 +88,7 @@ def test_read_image_modes(tmp_path: Path, mode: str) -> None:
     suffix = ".jpg" if mode == "CMYK" else ".png"
     path = tmp_path / f"im{suffix}"
     Image.fromarray(src).convert(mode).save(path)
-    out = read_image(path)
+    out = read_rgb8(path)
     assert out.shape == (6, 5, 3) and out.dtype == np.uint8
     if mode == "RGB" or mode == "RGBA":
         np.testing.assert_array_equal(out, src)
@@ -102,20 +102,20 @@ def test_read_image_formats(tmp_path: Path, fmt: str) -> None:
     Image.fromarray(src).save(
         tmp_path / f"im.{fmt.lower()}", format=fmt, **({"lossless": True} if fmt == "WEBP" else {})
     )
-    np.testing.assert_array_equal(read_image(tmp_path / f"im.{fmt.lower()}"), src)
+    np.testing.assert_array_equal(read_rgb8(tmp_path / f"im.{fmt.lower()}"), src)
 
 
 def test_read_image_palette_transparency(tmp_path: Path) -> None:
     im = Image.fromarray(_rgb(6, 6)).convert("P")
     im.info["transparency"] = 0
     im.save(tmp_path / "p.png", transparency=0)
-    assert read_image(tmp_path / "p.png").shape == (6, 6, 3)
+    assert read_rgb8(tmp_path / "p.png").shape == (6, 6, 3)
 
 
 def test_read_image_16bit(tmp_path: Path) -> None:
     v = np.array([[0, 257, 65535], [32896, 1000, 60000]], dtype=np.uint16)
     Image.fromarray(v).save(tmp_path / "a.png")
-    out = read_image(tmp_path / "a.png")
+    out = read_rgb8(tmp_path / "a.png")
     assert out.shape == (2, 3, 3)
     np.testing.assert_array_equal(out[..., 0], np.floor(v / 257 + 0.5).astype(np.uint8))
 
@@ -126,7 +126,7 @@ def test_read_image_exif_orientation(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW to display
     Image.fromarray(src).save(tmp_path / "r.jpg", exif=exif, quality=95)
-    out = read_image(tmp_path / "r.jpg")
+    out = read_rgb8(tmp_path / "r.jpg")
     assert out.shape == (40, 20, 3)
     assert out[:20].mean() > 200 and out[20:].mean() < 50  # the white half is now on top
 
@@ -139,16 +139,16 @@ def test_read_image_errors(tmp_path: Path) -> None:
     junk = tmp_path / "junk.jpg"
     junk.write_text("not an image")
     for bad in (trunc, junk, tmp_path / "missing.png"):
-        with pytest.raises(ImageError, match=bad.name) as info:
-            read_image(bad)
+        with pytest.raises(MediaError, match=bad.name) as info:
+            read_rgb8(bad)
         assert "\n" not in str(info.value)
 
 
 def test_read_image_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Image.fromarray(_rgb(64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageError, match="big.png"):
-        read_image(tmp_path / "big.png")
+    with pytest.raises(MediaError, match="big.png"):
+        read_rgb8(tmp_path / "big.png")
 
 
 # ---- listing --------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_trainset_skip_bad(train_dir: Path, tmp_path: Path) -> None:
     for p in train_dir.iterdir():
         (tmp_path / p.name).write_bytes(p.read_bytes())
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(ImageError, match="broken.png"):
+    with pytest.raises(MediaError, match="broken.png"):
         TrainSet([tmp_path], scale=4)
     ts = TrainSet([tmp_path], scale=4, skip_bad=True)
     assert len(ts) == 3 and ts.skipped == 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ from wbsr_runtime.engines import (
 )
 from wbsr_runtime.manifest import file_sha256 as sha256_file
 from wbsr_runtime.manifest import read_manifest_dict
+
+from .compare import compare
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +275,13 @@ def compare_outputs(
     reference: np.ndarray, output: np.ndarray, max_abs_diff: float, what: str = "engine"
 ) -> float:
     """max |output - reference|; `EngineValidationError` on a shape mismatch, NaN/inf, or a larger diff."""
-    if output.shape != reference.shape:
-        raise EngineValidationError(
-            f"{what}: output shape {output.shape} != ONNX Runtime's {reference.shape}"
-        )
-    if not np.all(np.isfinite(output)):
+    try:
+        diff = compare(reference, output)["max_abs"]
+    except ValueError:
+        shapes = f"output shape {output.shape} != ONNX Runtime's {reference.shape}"
+        raise EngineValidationError(f"{what}: {shapes}") from None
+    if not math.isfinite(diff):
         raise EngineValidationError(f"{what}: output has NaN or inf (fp16 overflow?); engine rejected")
-    diff = float(np.max(np.abs(output.astype(np.float64) - reference.astype(np.float64)), initial=0.0))
     if diff > max_abs_diff:
         raise EngineValidationError(
             f"{what}: max |TensorRT - ONNX Runtime| = {diff:.3g} exceeds {max_abs_diff:g}; engine rejected"

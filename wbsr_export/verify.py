@@ -1,6 +1,6 @@
 """Parity tools: run exported graphs and their PyTorch source on the same inputs, then compare.
 
-Running and comparing are separate: `run_*` return arrays, `compare` turns two arrays into numbers, and
+Running and comparing are separate: `run_*` return arrays, `compare.compare` turns two arrays into numbers, and
 `subnet_parity` / `router_parity` are the small loops that the export and the tests share.
 """
 
@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from wbsr_train.descriptor import box_scores, classify
+
+from .compare import compare
 
 
 def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -34,18 +36,6 @@ def run_onnx(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> lis
 def run_torch(module: nn.Module, x: np.ndarray) -> np.ndarray:
     """(N, 3, h, w) float32 -> the module's (N, 3, h*s, w*s) float32 output as numpy."""
     return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
-
-def compare(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
-    """`max_abs` difference and `rel` error (||out - ref|| / ||ref||, L2 over all elements); NaN-aware."""
-    ref, out = reference.astype(np.float64), output.astype(np.float64)
-    if ref.shape != out.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape}, output {out.shape}")
-    diff = out - ref
-    finite = bool(np.isfinite(out).all())
-    max_abs = float(np.abs(diff).max()) if finite else float("nan")
-    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-12)) if finite else float("nan")
-    return {"max_abs": max_abs, "rel": rel}
 
 
 def parity_inputs(seed: int = 0, patch: int = 16, real: np.ndarray | None = None) -> list[np.ndarray]:

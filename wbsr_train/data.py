@@ -9,19 +9,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
+
+from wbsr_runtime.media import IMAGE_EXTS, MediaError, read_image
 
 from .imresize import imresize, make_lr, mod_crop
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageError",
     "TrainSet",
     "augment",
     "holdout_split",
@@ -31,57 +29,18 @@ __all__ = [
     "load_pairs",
     "make_lr",
     "mod_crop",
-    "read_image",
+    "read_rgb8",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageError(ValueError):
-    """An image file that cannot be read (truncated, corrupt, not an image, too large)."""
-
-
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> (H, W, 3) uint8 RGB. Alpha is dropped; 16-bit is scaled to 8-bit."""
-    if im.mode in _SIXTEEN_BIT_MODES:
-        v = np.asarray(im).astype(np.float64)
-        y = np.floor(np.clip(v, 0, 65535) / 257.0 + 0.5).astype(np.uint8)
-        return np.repeat(y[:, :, None], 3, axis=2)
-    if im.mode == "F":
-        v = np.asarray(im, dtype=np.float64)
-        v = v * 255.0 if v.size and np.nanmax(v) <= 1.0 else v  # float images in [0, 1] or [0, 255]
-        y = np.floor(np.clip(np.nan_to_num(v), 0, 255) + 0.5).astype(np.uint8)
-        return np.repeat(y[:, :, None], 3, axis=2)
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")  # Pillow wants transparency resolved before dropping it
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB, upright per its EXIF orientation.
-
-    Any format and mode Pillow reads (PNG, JPEG, BMP, TIFF, WebP; gray, gray+alpha, RGBA, palette, CMYK):
-    alpha is dropped (training uses RGB only) and 16-bit samples are scaled to 8-bit (v / 257, rounded),
-    i.e. training sees 8-bit data. Truncated, corrupt or non-image files, and images over Pillow's
-    decompression-bomb limit, raise ImageError naming the file.
-    """
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
-    except FileNotFoundError as e:
-        raise ImageError(f"{path}: no such file") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: too many pixels for a safe decode ({e})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+def read_rgb8(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, read by the runtime's reader (`wbsr_runtime.media.read_image`:
+    upright per EXIF, any mode Pillow reads, MediaError naming the file for anything unreadable); alpha is
+    dropped (training uses RGB only) and 16-bit samples are rounded to 8 bits (v / 257), i.e. training sees
+    8-bit data."""
+    rgb = read_image(path).rgb
+    return rgb if rgb.dtype == np.uint8 else ((rgb.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def is_lr_folder(name: str) -> bool:
@@ -90,7 +49,7 @@ def is_lr_folder(name: str) -> bool:
 
 
 def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return Path(name).suffix.lower() in IMAGE_EXTS
 
 
 def _walk_images(folder: Path, skip_lr: bool) -> list[Path]:
@@ -116,7 +75,7 @@ def list_images(folders: Sequence[str | Path], skip_lr: bool = True) -> list[Pat
             raise ValueError(f"image folder {folder} does not exist or is not a folder")
         found = _walk_images(folder, skip_lr)
         if not found:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {folder}")
         paths.update(found)
     return sorted(paths)
 
@@ -150,12 +109,12 @@ def _lr_index(lr_folders: Sequence[str | Path], scale: int) -> dict[str, Path]:
 
 def _load_pair(path: Path, scale: int, lr_index: dict[str, Path] | None) -> tuple[np.ndarray, np.ndarray]:
     """(HR mod-cropped (H, W, 3), LR (H/s, W/s, 3)) uint8 for one HR file; LR made or read from lr_index."""
-    hr = np.ascontiguousarray(mod_crop(read_image(path), scale))
+    hr = np.ascontiguousarray(mod_crop(read_rgb8(path), scale))
     if lr_index is None:
         return hr, make_lr(hr, scale)
     if path.stem not in lr_index:
         raise ValueError(f"no LR image for {path} in the LR folders")
-    lr = read_image(lr_index[path.stem])
+    lr = read_rgb8(lr_index[path.stem])
     if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
         raise ValueError(
             f"LR {lr_index[path.stem]} is {lr.shape[1]}x{lr.shape[0]}, expected "
@@ -169,7 +128,7 @@ class TrainSet:
 
     `hr[i]` is (H, W, 3) uint8 mod-cropped to `scale`; `lr[i]` is (H/s, W/s, 3) uint8, made with MATLAB
     bicubic (`make_lr`) or read from `lr_folders` (matched by file stem, `name` or `namex{s}`).
-    An unreadable image raises ImageError, or with `skip_bad` is skipped and counted in `skipped`.
+    An unreadable image raises MediaError, or with `skip_bad` is skipped and counted in `skipped`.
     `holdout`: the fraction of images set aside (`holdout_split`), listed in `held_out`, never loaded.
     """
 
@@ -192,7 +151,7 @@ class TrainSet:
         for path in tqdm(paths, desc=f"loading x{scale} training images", unit="img", leave=False):
             try:
                 hr, lr = _load_pair(path, scale, lr_index)
-            except ImageError as e:
+            except MediaError as e:
                 if not skip_bad:
                     raise
                 log.warning("skipping %s", e)
