@@ -12,6 +12,9 @@ Two modes, both on a low-resolution (LR) frame of `height x width` pixels:
   the order in which tiles arrive.
 - `blend=True` (the ClassSR/ARM evaluation protocol, e.g. patch 32, overlap 4 = step 28): tiles of
   `patch x patch` at step `patch - overlap`, the last shifted inward, outputs averaged where they overlap.
+  Only evaluation uses it (`wbsr_train.evaluate`, the paper's tables); it lives here, not there, because it
+  is the same plan and stitcher with another step: the arrow train -> runtime is deliberate (README, "What
+  is in the box"), so that evaluation tiles with the very code deployment runs.
 
 Only a frame smaller than a tile is padded (at the bottom/right, by reflection: numpy "reflect", mirrored
 without repeating the edge pixel), so every tile of a plan has the same size; plans made for `merge_tiles` pad
