@@ -21,9 +21,9 @@ from wbsr_export import bundle as bundle_mod  # noqa: E402
 from wbsr_export.bundle import export_bundle  # noqa: E402
 from wbsr_export.cli import main  # noqa: E402
 from wbsr_export.onnx import OPSET, export_router_onnx  # noqa: E402
+from wbsr_export.parity import box_grid, parity_inputs, reference_scores, router_parity, subnet_parity  # noqa: E402
 from wbsr_export.slice import extract_subnet  # noqa: E402
 from wbsr_export.trt import EngineBuild  # noqa: E402
-from wbsr_export.verify import box_grid, parity_inputs, reference_scores, router_parity, subnet_parity  # noqa: E402
 from wbsr_runtime.manifest import file_sha256, load_manifest  # noqa: E402
 from wbsr_train.checkpoint import load_checkpoint, save_checkpoint, supernet_from_checkpoint  # noqa: E402
 from wbsr_train.config import ModelConfig, SubnetSpec  # noqa: E402

@@ -34,9 +34,9 @@ from .onnx import (
     export_router_onnx,
     export_subnet_onnx,
 )
+from .parity import box_grid, parity_inputs, router_parity, subnet_parity
 from .program import export_subnet_program
 from .slice import extract_subnet
-from .verify import box_grid, parity_inputs, router_parity, subnet_parity
 
 log = logging.getLogger(__name__)
 
