@@ -240,6 +240,15 @@ def as_unit_float(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 1.0, dtype=np.float32)
 
 
+def to_chw(image: np.ndarray) -> np.ndarray:
+    """`(H, W, 3)` uint8 / uint16 / float in [0, 1] -> `(3, H, W)` float32 in [0, 1] (`as_unit_float`),
+    converted one channel at a time (a whole frame's input; tiles are converted as they are cut)."""
+    x = np.empty((3, *image.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        x[c] = as_unit_float(image[..., c])
+    return x
+
+
 def route_boxes(plan: TilePlan, min_size: int = 3) -> np.ndarray:
     """Classification boxes (n, 4) int64 in padded-frame coordinates, each grown to at least `min_size` on
     both axes (the router's minimum) by extending into the padding; route on `pad_frame(frame, plan)`.
