@@ -52,7 +52,7 @@ def test_nearest_stand_in_gives_nearest_upscaling_exactly(nn_bundle: Path, mode:
             assert out.dtype == img.dtype and out.shape == (2 * h, 2 * w, 3)
             np.testing.assert_array_equal(out, hwc_nearest(img, 2))
             stats = up.last_stats
-            assert sum(stats.patches_per_subnet) == (1 if mode == "whole" else len(stats.boxes))
+            assert sum(stats.tiles_per_subnet) == (1 if mode == "whole" else len(stats.boxes))
 
 
 @pytest.mark.parametrize("merge", [0, 1, 4])

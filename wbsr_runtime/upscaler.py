@@ -49,6 +49,7 @@ class UpscaleStats:
     """What the last `upscale` call did. FLOPs are 2 x MACs of the subnets' convs on the LR pixels actually
     fed to them (tile windows with their context), against the full subnet on the whole frame once; the router
     is not counted. Times in seconds: router, subnets and tiling summed over workers; total is wall clock.
+    `tiles_per_subnet`: how many tiles each subnet ran (cheapest first; the whole frame counts as one tile).
     `boxes` (n, 4) int64 LR tile boxes (y0, x0, y1, x1) and `subnets` (n,) int64, the subnet of each tile,
     are None in "whole" mode; `windows` is how many windows the tiles were merged into (subnet calls' items).
     `predicted_loss_db` / `predicted_cost`: what calibration predicts for the map in use (dynamic mode with a
@@ -62,7 +63,7 @@ class UpscaleStats:
     scale: int
     patch: int | None
     overlap: int | None
-    patches_per_subnet: list[int]
+    tiles_per_subnet: list[int]
     flops: float
     flops_full: float
     router_s: float = 0.0
@@ -74,10 +75,6 @@ class UpscaleStats:
     predicted_cost: float | None = None
     boxes: np.ndarray | None = field(default=None, repr=False)
     subnets: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def patches(self) -> list[int]:
-        return self.patches_per_subnet
 
     @property
     def flops_ratio(self) -> float:
@@ -179,14 +176,6 @@ def flops_costs(manifest: Manifest) -> np.ndarray:
     return np.array([s.flops_per_patch for s in manifest.subnets], dtype=np.float64)
 
 
-def check_knobs(tolerance: float | None, budget: float | None) -> None:
-    """ValueError unless the routing knobs are finite and in range: tolerance >= 0 dB, budget in (0, 1]."""
-    if tolerance is not None and not (isinstance(tolerance, int | float) and 0 <= tolerance < math.inf):
-        raise ValueError(f"tolerance must be a finite number of dB >= 0, got {tolerance}")
-    if budget is not None and not (isinstance(budget, int | float) and 0 < budget <= 1):
-        raise ValueError(f"budget must be a fraction of the full model's cost in (0, 1], got {budget}")
-
-
 def measure_costs(runner: Any, size: int, batch: int = 2, repeats: int = 3) -> np.ndarray:
     """(M,) median seconds of each subnet of `runner` on a (batch, 3, size, size) input, after a warm-up call;
     the subnets take turns in every repeat, so a change in machine load hits them alike."""
@@ -210,11 +199,6 @@ def to_chw(image: np.ndarray) -> np.ndarray:
     for c in range(3):
         x[c] = as_unit_float(image[..., c])
     return x
-
-
-def from_chw(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """(3, H, W) float32 (any range) -> (H, W, 3) `dtype`, clamped to [0, 1] (integers: scaled, rounded)."""
-    return to_hwc(x, dtype)
 
 
 class Upscaler:
@@ -277,11 +261,10 @@ class Upscaler:
         check_options(patch=self.patch, overlap=self.overlap)  # one given, the other the bundle's
         if cost not in COSTS:
             raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
-        check_knobs(tolerance, budget)
         flops = flops_costs(self.manifest)
         # Checks the knobs (and that "measured" can re-derive a map) before any backend opens.
         self.class_map = class_map(self.manifest, tolerance, budget, flops if cost == "measured" else None)
-        self.full = len(self.manifest.subnets) - 1
+        self.full_index = len(self.manifest.subnets) - 1
         tiling = (self.patch, self.overlap) if patch is not None or overlap is not None else None
         self.choice = choose_backend(self.manifest, backend, device, tiling)
         self.runners = open_runners(self.manifest, self.choice, workers, tiling=tiling, **backend_opts)
@@ -372,7 +355,7 @@ class Upscaler:
             t0 = time.perf_counter()
             if self.mode == "whole":
                 out, stats = self._whole(to_chw(image))
-                sr = from_chw(out, image.dtype)
+                sr = to_hwc(out, image.dtype)  # clamped to [0, 1]; integers scaled and rounded
             else:
                 sr, stats = self._tiled(image)  # stitched straight into the output dtype
             stats.total_s = time.perf_counter() - t0
@@ -387,7 +370,7 @@ class Upscaler:
             height=h,
             width=w,
             scale=self.scale,
-            flops_full=h * w * self._flops_per_pixel(self.full),
+            flops_full=h * w * self._flops_per_pixel(self.full_index),
             **kw,
         )
 
@@ -397,16 +380,16 @@ class Upscaler:
         ph, pw = max(3 - h, 0), max(3 - w, 0)
         xp = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect") if ph or pw else x
         t0 = time.perf_counter()
-        out = self.runners[0].run_subnet(self.full, xp[None])[0, :, : h * self.scale, : w * self.scale]
+        out = self.runners[0].run_subnet(self.full_index, xp[None])[0, :, : h * self.scale, : w * self.scale]
         counts = [0] * len(self.manifest.subnets)
-        counts[self.full] = 1
+        counts[self.full_index] = 1
         stats = self._stats(
             h,
             w,
             patch=None,
             overlap=None,
-            patches_per_subnet=counts,
-            flops=xp.shape[1] * xp.shape[2] * self._flops_per_pixel(self.full),
+            tiles_per_subnet=counts,
+            flops=xp.shape[1] * xp.shape[2] * self._flops_per_pixel(self.full_index),
         )
         stats.subnets_s = time.perf_counter() - t0
         return out, stats
@@ -427,7 +410,7 @@ class Upscaler:
             _, classes = self.runners[0].route(frame[None], route_boxes(plan))
             tile_subnets = self.class_map[classes - 1]
         else:
-            tile_subnets = np.full(plan.num_tiles, self.full, dtype=np.int64)
+            tile_subnets = np.full(plan.num_tiles, self.full_index, dtype=np.int64)
         windows, window_subnets = (
             (plan, tile_subnets) if self.merge == 0 else merge_tiles(plan, tile_subnets, self.merge)
         )
@@ -439,7 +422,7 @@ class Upscaler:
             w,
             patch=self.patch,
             overlap=self.overlap,
-            patches_per_subnet=np.bincount(tile_subnets, minlength=len(fpp)).tolist(),
+            tiles_per_subnet=np.bincount(tile_subnets, minlength=len(fpp)).tolist(),
             flops=float(windows.sizes.prod(axis=1) @ fpp[window_subnets]),
             windows=windows.num_tiles,
             predicted_loss_db=None if self.prediction is None else self.prediction.loss_db,
