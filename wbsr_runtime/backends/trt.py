@@ -29,15 +29,11 @@ log = logging.getLogger(__name__)
 
 
 # --- lazy imports and cuda-python error handling ------------------------------------------------------------
-class TrtUnavailable(TensorRTUnavailable, BackendError):
-    """TensorRT or cuda-python is missing: both the shared error and the backends' "can't run here" error."""
-
-
 def import_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError:
-        raise TrtUnavailable("TensorRT") from None
+        raise TensorRTUnavailable("TensorRT") from None
     return tensorrt
 
 
@@ -49,7 +45,7 @@ def import_cudart() -> Any:
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise TrtUnavailable("cuda-python") from None
+            raise TensorRTUnavailable("cuda-python") from None
     return runtime
 
 
@@ -246,13 +242,13 @@ def run_plan_once(
     cuda_call(cudart.cudaSetDevice, device)
     runtime, engine = deserialize(trt, plan)
     stream = native_handle(cuda_call(cudart.cudaStreamCreateWithFlags, cudart.cudaStreamNonBlocking))
-    runner = None
+    bound = None  # the engine's execution context and buffers
     try:
-        runner = TrtEngine(trt, cudart, engine, input_name, output_name)
-        return runner.execute(np.ascontiguousarray(batch, dtype=np.float32), stream)
+        bound = TrtEngine(trt, cudart, engine, input_name, output_name)
+        return bound.execute(np.ascontiguousarray(batch, dtype=np.float32), stream)
     finally:
-        if runner is not None:
-            runner.close()
+        if bound is not None:
+            bound.close()
         cuda_call(cudart.cudaStreamDestroy, stream)
         del engine, runtime
 
