@@ -14,6 +14,7 @@ import pytest
 from tests.nearest_bundle import build_nearest_bundle, nearest, router_classes
 from wbsr_runtime.backends import BackendError, open_runners
 from wbsr_runtime.manifest import load_manifest
+from wbsr_runtime.router import Router
 from wbsr_runtime.routing import classify
 
 
@@ -148,12 +149,6 @@ def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureReq
                     np.testing.assert_allclose(
                         out, nearest(batch, 3) * np.float32(gain), rtol=1e-6, atol=1e-6
                     )
-            frame = rng.random((1, 3, 20, 30), dtype=np.float32)
-            boxes = np.array([[0, 0, 8, 8], [3, 5, 20, 30], [10, 1, 13, 4]], dtype=np.int64)
-            scores, classes = runner.route(frame, boxes)
-            assert scores.dtype == np.float32 and classes.dtype == np.int64
-            np.testing.assert_array_equal(classes, router_classes(boxes, 4))
-            np.testing.assert_array_equal(classes, classify(scores, manifest.router.thresholds))
 
     # The real exported bundle (needs torch to build): subnets against ORT CPU, router against the spec.
     if not _has("torch") or runners[0].tiling is not None:  # engines are built for the gain bundle only
@@ -162,17 +157,38 @@ def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureReq
     import onnxruntime as ort
 
     batch = rng.random((2, 3, 16, 16), dtype=np.float32)
-    frame = rng.random((1, 3, 40, 36), dtype=np.float32)
-    boxes = np.array([[0, 0, 16, 16], [8, 4, 40, 36], [20, 20, 23, 23]], dtype=np.int64)
     with open_runners(tiny, backend, workers=1, **opts)[0] as runner:
         for m, s in enumerate(tiny.subnets):
             ref = ort.InferenceSession(str(tiny.path(s.files["onnx"])), providers=["CPUExecutionProvider"])
             np.testing.assert_allclose(
                 runner.run_subnet(m, batch), ref.run(None, {"lr": batch})[0], atol=1e-4
             )
-        scores, classes = runner.route(frame, boxes)
+
+
+def test_router_classifies_by_the_bundle_graph(gain_bundle: Path, request: pytest.FixtureRequest) -> None:
+    """The router runs on ONNX Runtime's CPU provider whatever the backend: the stand-in router's classes, and
+    the exported router against the numpy descriptor (docs/bundle.md), also for an integer frame."""
+    rng = np.random.default_rng(0)
+    manifest = load_manifest(gain_bundle)
+    frame = rng.random((1, 3, 20, 30), dtype=np.float32)
+    boxes = np.array([[0, 0, 8, 8], [3, 5, 20, 30], [10, 1, 13, 4]], dtype=np.int64)
+    with Router(manifest) as router:
+        scores, classes = router.route(frame, boxes)
+    assert scores.dtype == np.float32 and classes.dtype == np.int64
+    np.testing.assert_array_equal(classes, router_classes(boxes, 4))
+    np.testing.assert_array_equal(classes, classify(scores, manifest.router.thresholds))
+    if not _has("torch"):  # the real exported bundle needs torch to build
+        return
+    tiny = load_manifest(request.getfixturevalue("tiny_bundle"))
+    frame = rng.random((1, 3, 40, 36), dtype=np.float32)
+    boxes = np.array([[0, 0, 16, 16], [8, 4, 40, 36], [20, 20, 23, 23]], dtype=np.int64)
+    with Router(tiny) as router:
+        scores, classes = router.route(frame, boxes)
         np.testing.assert_allclose(scores, numpy_scores(frame, boxes), rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(classes, classify(scores, tiny.router.thresholds))
+        as_uint8 = (frame * 255).round().astype(np.uint8)  # converted band by band
+        np.testing.assert_allclose(router.route(as_uint8, boxes)[0], numpy_scores(as_uint8 / 255.0, boxes),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_or_unavailable_backends_fail_in_one_line(gain_bundle: Path) -> None:

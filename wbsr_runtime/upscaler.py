@@ -29,6 +29,7 @@ from .backends import choose_backend, open_runners
 from .graphs import check_graphs
 from .manifest import BundleError, Manifest, load_manifest
 from .media import DEFAULT_MAX_PIXELS
+from .router import Router
 from .scheduler import run_tiles
 from .tiling import MAX_TILE, MIN_WINDOW, as_unit_float, merge_tiles, pad_frame, plan_tiles, route_boxes, to_hwc
 
@@ -223,6 +224,7 @@ class Upscaler:
     streams). max_pixels: larger LR frames are refused (FrameTooLarge). chunk: grid tiles' worth of pixels
     per batched call.
     backend_opts: passed to the runner (e.g. fp16=True, threads=2).
+    The router (`router.Router`, ONNX Runtime on the CPU whatever the backend) classifies the tiles.
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class Upscaler:
         tiling = (self.patch, self.overlap) if patch is not None or overlap is not None else None
         self.choice = choose_backend(self.manifest, backend, device, tiling)
         self.runners = open_runners(self.manifest, self.choice, workers, tiling=tiling, **backend_opts)
+        self.router = Router(self.manifest)
         self.backend, self.merge = self.runners[0].name, merge
         self.costs = flops
         try:
@@ -317,6 +320,7 @@ class Upscaler:
     def close(self) -> None:
         for r in self.runners:
             r.close()
+        self.router.close()
 
     def _predict(self) -> routing.Prediction | None:
         """Calibration's prediction for the map in use (logged), or None (uncalibrated bundle, baselines)."""
@@ -407,7 +411,7 @@ class Upscaler:
         frame = pad_frame(image.transpose(2, 0, 1), plan)  # a (3, H, W) view; copied only when padded
         t1 = time.perf_counter()
         if self.mode == "dynamic":
-            _, classes = self.runners[0].route(frame[None], route_boxes(plan))
+            _, classes = self.router.route(frame[None], route_boxes(plan))
             tile_subnets = self.class_map[classes - 1]
         else:
             tile_subnets = np.full(plan.num_tiles, self.full_index, dtype=np.int64)

@@ -1,15 +1,13 @@
 """The one interface every backend implements (STYLE.md principle 5).
 
 A `Runner` is created bound to one worker (one thread; on a GPU one stream and its own execution contexts),
-used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and does two things:
+used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and runs subnets (routing
+is not a runner's job: `wbsr_runtime.router.Router` runs the bundle's router on ONNX Runtime's CPU provider
+for every backend):
 
 - `run_subnet(index, batch)`: `batch` (n, 3, h, w) float32 RGB in [0, 1] -> (n, 3, h*s, w*s) float32, not
   clamped, computed by subnet `index` of the bundle (0 = cheapest). `n` is at most `max_batch` when that is
   not None; the scheduler chunks to it. Implementations may assume one calling thread at a time.
-- `route(frame, boxes)`: frame (1, 3, H, W) uint8 / uint16 or float in [0, 1] (converted band by band),
-  boxes (n, 4) int64 `y0, x0, y1, x1` (half-open, each >= 3x3) -> scores (n,) float32 and classes (n,) int64
-  in 1..K. The implementation here runs the bundle's `router.onnx` with ONNX Runtime on the CPU (it is
-  cheap), so backends inherit it.
 
 Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `tiling` (None when it takes
 inputs of any size; else the (patch, overlap) whose tiles, (n, 3, patch + 2 x overlap, same) with
@@ -32,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from ..manifest import REBUILD, BundleError, Manifest
-from ..tiling import as_unit_float
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +116,7 @@ def subnet_files(manifest: Manifest, index: int) -> dict[str, str]:
 
 
 class Runner:
-    """Base runner: lazy per-subnet handles, the ONNX Runtime CPU router, context management."""
+    """Base runner: lazy per-subnet handles, context management."""
 
     name = "base"
 
@@ -131,7 +128,6 @@ class Runner:
         self.device = "cpu"
         self.providers: list[str] = []
         self._handles: dict[int, Any] = {}
-        self._router: Any = None
         self._lock = threading.Lock()
 
     # --- to implement -------------------------------------------------------------------------------------
@@ -166,44 +162,9 @@ class Runner:
             )
         return out
 
-    def route(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """frame (1, 3, H, W) uint8 / uint16 or float in [0, 1], boxes (n, 4) int64 -> scores (n,) float32,
-        classes (n,) int64 in 1..K.
-
-        The router is run once per band of rows `y0:y1` shared by boxes (a tile row of a plan): its float64
-        integral images are frame-sized, about 70 bytes per pixel, so a 4K frame in one call would need GBs.
-        Only the band is converted to float32, so an integer frame is never copied whole.
-        """
-        with self._lock:
-            if self._router is None:
-                self._router = _cpu_session(self.manifest.path(self.manifest.router.file), threads=1)
-        boxes = np.asarray(boxes, dtype=np.int64)
-        scores, classes = np.empty(len(boxes), np.float32), np.empty(len(boxes), np.int64)
-        rows, group = np.unique(boxes[:, [0, 2]], axis=0, return_inverse=True)
-        for g, (y0, y1) in enumerate(rows):
-            sel = np.flatnonzero(group.ravel() == g)
-            band = np.ascontiguousarray(as_unit_float(frame[:, :, y0:y1]))
-            scores[sel], classes[sel] = self._route_band(band, boxes[sel] - np.array([y0, 0, y0, 0]))
-        k = self.manifest.router.num_classes
-        if len(classes) and not 1 <= classes.min() <= classes.max() <= k:
-            raise BundleError(
-                f"{self.manifest.root}: {self.manifest.router.file} gives classes up to {classes.max()}, but the "
-                f"manifest has {k}; {REBUILD}"
-            )
-        return scores, classes
-
-    def _route_band(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        names = self.manifest.router
-        scores, classes = self._router.run(
-            [names.outputs["scores"], names.outputs["classes"]],
-            {names.inputs["frame"]: frame, names.inputs["boxes"]: np.ascontiguousarray(boxes)},
-        )
-        return scores.astype(np.float32), classes.astype(np.int64)
-
     def close(self) -> None:
         """Free everything this runner holds (subclasses free their own handles first)."""
         self._handles.clear()
-        self._router = None
 
     def __enter__(self) -> Runner:
         return self
@@ -246,7 +207,7 @@ def session_options(threads: int) -> Any:
     return opts
 
 
-def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
+def cpu_session(path: str | os.PathLike, threads: int) -> Any:
     """An ONNX Runtime CPU session (see `session_options`)."""
     ort = import_onnxruntime()
 
