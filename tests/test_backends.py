@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.nearest_bundle import build_nearest_bundle, nearest, router_classes
-from wbsr_runtime.backends import BackendError, open_runners
+from wbsr_runtime.backends import BackendError, OrtOptions, Runner, backend_options, open_runners
+from wbsr_runtime.backends.base import LazySubnets
 from wbsr_runtime.manifest import load_manifest
 from wbsr_runtime.router import Router
 from wbsr_runtime.routing import classify
@@ -52,7 +55,7 @@ CASES = [
     ),
     pytest.param(
         "ort",
-        {"device": "cuda", "tensorrt": True},
+        {"device": "cuda", "options": OrtOptions(tensorrt=True)},
         id="ort-tensorrt",
         marks=[*GPU, pytest.mark.skipif(not _ort_has("TensorrtExecutionProvider"), reason="no ORT TensorRT EP")],
     ),
@@ -136,10 +139,10 @@ def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureReq
     assert len(runners) == 2
     for runner in runners:
         with runner:
-            assert runner.name == backend and runner.device
+            assert isinstance(runner, Runner) and runner.name == backend and runner.device
             shapes = [(1, 3, 5, 7), (3, 3, 12, 12)]
-            if runner.tiling is not None:  # bound to one tile: only (n, 3, T, T), 1 <= n <= max_batch
-                tile = runner.tiling[0] + 2 * runner.tiling[1]
+            if runner.fixed_tiles is not None:  # bound to one tile: only (n, 3, T, T), 1 <= n <= max_batch
+                tile = runner.fixed_tiles[0] + 2 * runner.fixed_tiles[1]
                 shapes = [(1, 3, tile, tile), (min(3, runner.max_batch), 3, tile, tile)]
             for m, gain in enumerate((1.0, 2.0, 0.5)):
                 for shape in shapes:
@@ -151,7 +154,7 @@ def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureReq
                     )
 
     # The real exported bundle (needs torch to build): subnets against ORT CPU, router against the spec.
-    if not _has("torch") or runners[0].tiling is not None:  # engines are built for the gain bundle only
+    if not _has("torch") or runners[0].fixed_tiles is not None:  # engines are built for the gain bundle only
         return
     tiny = load_manifest(request.getfixturevalue("tiny_bundle"))
     import onnxruntime as ort
@@ -201,3 +204,53 @@ def test_unknown_or_unavailable_backends_fail_in_one_line(gain_bundle: Path) -> 
     if not _ort_has("CUDAExecutionProvider"):  # a GPU machine with onnxruntime-gpu runs it
         with pytest.raises(BackendError, match="onnxruntime-gpu"):
             open_runners(manifest, "ort", device="cuda")
+
+
+def test_options_are_the_chosen_backends(gain_bundle: Path) -> None:
+    """Each backend takes its own options dataclass; the Upscaler's keywords are refused, in one line, by a
+    backend that does not take them."""
+    assert backend_options("ort", {"threads": 2, "fp16": None}) == OrtOptions(threads=2)
+    with pytest.raises(ValueError, match=r"^the ort backend takes no stream option \(it takes threads, fp16"):
+        backend_options("ort", {"stream": 5, "threads": None})
+    with pytest.raises(ValueError, match="the trt backend takes no threads, tensorrt option"):
+        backend_options("trt", {"threads": 2, "tensorrt": False})
+    from wbsr_runtime.backends import TorchOptions
+
+    with pytest.raises(ValueError, match="the ort backend takes OrtOptions, got TorchOptions"):
+        open_runners(load_manifest(gain_bundle), "ort", options=TorchOptions())
+
+
+def test_lazy_subnets_load_each_once_and_check_every_call(gain_bundle: Path) -> None:
+    """The loading every backend shares: one load per subnet however many threads ask at once; batches and
+    outputs checked around the backend's own call."""
+    manifest, loads = load_manifest(gain_bundle), []
+
+    def load(index: int) -> float:
+        loads.append(index)
+        time.sleep(0.05)  # a slow load: the other threads arrive meanwhile
+        return (1.0, 2.0, 0.5)[index]
+
+    subnets = LazySubnets(manifest, load)
+    threads = [threading.Thread(target=subnets.get, args=(1,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [1] and subnets.loaded() == [(1, 2.0)]
+    batch = np.random.default_rng(0).random((2, 3, 4, 5), dtype=np.float32)
+    out = subnets.run(2, batch, 2, lambda gain, x: nearest(x, 3) * np.float32(gain))
+    np.testing.assert_array_equal(out, nearest(batch, 3) * np.float32(0.5))
+    with pytest.raises(IndexError, match="subnet 3 out of range 0..2"):
+        subnets.get(3)
+    with pytest.raises(ValueError, match="exceeds max_batch 1"):
+        subnets.run(0, batch, 1, lambda gain, x: x)
+    with pytest.raises(ValueError, match=r"expected an \(n, 3, h, w\) batch"):
+        subnets.run(0, batch[0], None, lambda gain, x: x)
+    from wbsr_runtime.manifest import BundleError
+
+    with pytest.raises(BundleError, match="turns 2x3x4x5 into 2x3x8x10, not the manifest's x3"):
+        subnets.run(0, batch, None, lambda gain, x: nearest(x, 2))
+    assert loads == [1, 2, 0]
+    subnets.clear()
+    assert subnets.loaded() == []
+

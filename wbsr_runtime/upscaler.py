@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from . import routing
-from .backends import choose_backend, open_runners
+from .backends import backend_options, choose_backend, open_runners
+from .backends.base import Runner
 from .graphs import check_graphs
 from .manifest import BundleError, Manifest, load_manifest
 from .media import DEFAULT_MAX_PIXELS
@@ -177,11 +178,11 @@ def flops_costs(manifest: Manifest) -> np.ndarray:
     return np.array([s.flops_per_patch for s in manifest.subnets], dtype=np.float64)
 
 
-def measure_costs(runner: Any, size: int, batch: int = 2, repeats: int = 3) -> np.ndarray:
-    """(M,) median seconds of each subnet of `runner` on a (batch, 3, size, size) input, after a warm-up call;
-    the subnets take turns in every repeat, so a change in machine load hits them alike."""
+def measure_costs(runner: Runner, count: int, size: int, batch: int = 2, repeats: int = 3) -> np.ndarray:
+    """(count,) median seconds of subnets 0..count-1 of `runner` on a (batch, 3, size, size) input, after a
+    warm-up call; the subnets take turns in every repeat, so a change in machine load hits them alike."""
     x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-    subnets = range(len(runner.manifest.subnets))
+    subnets = range(count)
     for m in subnets:
         runner.run_subnet(m, x)
     times = np.empty((repeats, len(subnets)))
@@ -218,12 +219,17 @@ class Upscaler:
     patch / overlap: LR core tile size and context (default: the bundle's; a fixed-shape backend's own, see
     below). merge: neighbouring tiles routed to one subnet run as one window of up to `merge` x `merge` cores,
     each read as what it writes plus its context (`tiling.merge_tiles`; 1: every tile alone); 0: equal tiles
-    of patch + 2 x overlap. Fixed-shape backends (TensorRT engines, ORT's TensorRT provider: `runner.tiling`)
+    of patch + 2 x overlap. Fixed-shape backends (TensorRT engines, ORT's TensorRT provider: `runner.fixed_tiles`)
     get only their tiles: merge 0, their tiling (explicit patch / overlap must match engines built for them),
     "measured" costs timed on their tiles, and mode "whole" refused. workers: runners (threads, and on a GPU
     streams). max_pixels: larger LR frames are refused (FrameTooLarge). chunk: grid tiles' worth of pixels
     per batched call.
-    backend_opts: passed to the runner (e.g. fp16=True, threads=2).
+    threads / fp16 / stream / tensorrt / max_batch / trt_cache (None: not given): the chosen backend's options
+    (`backends.options`; a backend refuses, with a ValueError, one it does not take). threads: intra-op threads
+    (ort, torch on the CPU); fp16: half-precision graphs (ort), arithmetic (torch) or engines (trt); stream: a
+    caller's non-blocking CUDA stream, an int handle (torch, trt; torch also takes a torch stream); tensorrt:
+    ORT's TensorRT provider (ort on CUDA); max_batch: tiles per call at most (a cap below the engines' for trt);
+    trt_cache: the TensorRT provider's engine cache folder (ort).
     The router (`router.Router`, ONNX Runtime on the CPU whatever the backend) classifies the tiles.
     """
 
@@ -245,7 +251,12 @@ class Upscaler:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         chunk: int | None = None,
         verify: bool = True,
-        **backend_opts: Any,
+        threads: int | None = None,
+        fp16: bool | None = None,
+        stream: Any = None,
+        tensorrt: bool | None = None,
+        max_batch: int | None = None,
+        trt_cache: str | Path | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -269,7 +280,9 @@ class Upscaler:
         self.full_index = len(self.manifest.subnets) - 1
         tiling = (self.patch, self.overlap) if patch is not None or overlap is not None else None
         self.choice = choose_backend(self.manifest, backend, device, tiling)
-        self.runners = open_runners(self.manifest, self.choice, workers, tiling=tiling, **backend_opts)
+        given = {"threads": threads, "fp16": fp16, "stream": stream, "tensorrt": tensorrt}
+        options = backend_options(self.choice.backend, given | {"max_batch": max_batch, "trt_cache": trt_cache})
+        self.runners = open_runners(self.manifest, self.choice, workers, tiling=tiling, options=options)
         self.router = Router(self.manifest)
         self.backend, self.merge = self.runners[0].name, merge
         self.costs = flops
@@ -288,7 +301,7 @@ class Upscaler:
 
     def _fit_fixed_shapes(self) -> None:
         """A backend bound to one tile shape gets that shape only: its tiling, equal tiles, no whole frames."""
-        fixed = self.runners[0].tiling
+        fixed = self.runners[0].fixed_tiles
         if fixed is None:
             return
         tile = fixed[0] + 2 * fixed[1]
@@ -307,9 +320,10 @@ class Upscaler:
         """`measure_costs` on the shapes this backend takes: tiles for a fixed-shape one, else windows of
         2 x 2 cores (2P + 2O)."""
         runner = self.runners[0]
-        if runner.tiling is None:
-            return measure_costs(runner, 2 * self.patch + 2 * self.overlap)
-        return measure_costs(runner, self.patch + 2 * self.overlap, batch=min(2, runner.max_batch or 2))
+        count = len(self.manifest.subnets)
+        if runner.fixed_tiles is None:
+            return measure_costs(runner, count, 2 * self.patch + 2 * self.overlap)
+        return measure_costs(runner, count, self.patch + 2 * self.overlap, batch=min(2, runner.max_batch or 2))
 
     def __enter__(self) -> Upscaler:
         return self

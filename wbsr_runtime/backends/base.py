@@ -1,22 +1,21 @@
-"""The one interface every backend implements (STYLE.md principle 5).
+"""The one interface every backend implements (STYLE.md principle 5), and what the backends share.
 
 A `Runner` is created bound to one worker (one thread; on a GPU one stream and its own execution contexts),
-used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and runs subnets (routing
-is not a runner's job: `wbsr_runtime.router.Router` runs the bundle's router on ONNX Runtime's CPU provider
-for every backend):
+used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and runs subnets:
 
 - `run_subnet(index, batch)`: `batch` (n, 3, h, w) float32 RGB in [0, 1] -> (n, 3, h*s, w*s) float32, not
   clamped, computed by subnet `index` of the bundle (0 = cheapest). `n` is at most `max_batch` when that is
   not None; the scheduler chunks to it. Implementations may assume one calling thread at a time.
 
-Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `tiling` (None when it takes
+Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `fixed_tiles` (None when it takes
 inputs of any size; else the (patch, overlap) whose tiles, (n, 3, patch + 2 x overlap, same) with
 1 <= n <= max_batch, are the only shapes it takes, as TensorRT engines built for one profile do: the Upscaler
 then tiles with exactly that and sends nothing else), `device` (a short string such as "cpu" or
 "cuda:0 (NVIDIA H100)"), `providers` (what actually runs, e.g. ORT providers).
 
-A subclass implements `_load(index)` (build whatever runs subnet `index`, called lazily once) and
-`_infer(handle, batch)`, and releases its own resources in `close()` (calling `super().close()`).
+Backends implement it without a common base class: each holds a `LazySubnets` (what runs each subnet, built
+on first use under one lock, and the checks around every call). Routing is not a runner's job: the bundle's
+router runs on ONNX Runtime's CPU provider for every backend (`wbsr_runtime.router.Router`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import importlib.metadata
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -33,9 +33,88 @@ from ..manifest import REBUILD, BundleError, Manifest
 
 log = logging.getLogger(__name__)
 
+H = TypeVar("H")
+
 
 class BackendError(RuntimeError):
     """A backend cannot be created or run here (missing package, no GPU, silent CPU fallback, ...)."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the scheduler and the Upscaler need of a backend (see the module docstring)."""
+
+    name: str
+    device: str
+    providers: list[str]
+    max_batch: int | None
+    fixed_tiles: tuple[int, int] | None
+
+    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, h, w) float32 in [0, 1] -> (n, 3, h*s, w*s) float32 (not clamped) by subnet `index`."""
+        ...
+
+    def close(self) -> None:
+        """Free everything the runner holds; it is not used afterwards."""
+        ...
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class LazySubnets(Generic[H]):
+    """What runs each subnet of `manifest` (a session, a module, an engine context), built by `load(index)` on
+    first use, once, under one lock (a runner's worker and a caller may both reach it); and the checks around
+    every call. The one implementation of lazy loading the backends share."""
+
+    def __init__(self, manifest: Manifest, load: Callable[[int], H]) -> None:
+        self.manifest, self._load = manifest, load
+        self._handles: dict[int, H] = {}
+        self._lock = threading.Lock()
+
+    def get(self, index: int) -> H:
+        """The handle of subnet `index`, loaded now if it is not yet; IndexError outside 0..M-1."""
+        self._check_index(index)
+        with self._lock:
+            if index not in self._handles:
+                self._handles[index] = self._load(index)
+            return self._handles[index]
+
+    def run(
+        self, index: int, batch: np.ndarray, max_batch: int | None, infer: Callable[[H, np.ndarray], np.ndarray]
+    ) -> np.ndarray:
+        """`infer(handle, batch)` for subnet `index`, with the batch (n, 3, h, w), n <= `max_batch`, made
+        contiguous float32, and the output checked to be (n, 3, h*s, w*s) at the manifest's scale."""
+        self._check_index(index)
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected an (n, 3, h, w) batch, got {batch.shape}")
+        if max_batch is not None and batch.shape[0] > max_batch:
+            raise ValueError(f"batch of {batch.shape[0]} exceeds max_batch {max_batch}")
+        handle = self.get(index)
+        out = infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
+        n, _, h, w = batch.shape
+        s = self.manifest.scale
+        if out.shape != (n, 3, h * s, w * s):  # e.g. a manifest whose scale the graphs do not have
+            raise BundleError(
+                f"{self.manifest.root}: subnet {index} turns {n}x3x{h}x{w} into {'x'.join(map(str, out.shape))}, "
+                f"not the manifest's x{s}; {REBUILD}"
+            )
+        return out
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self.manifest.subnets):
+            raise IndexError(f"subnet {index} out of range 0..{len(self.manifest.subnets) - 1}")
+
+    def loaded(self) -> list[tuple[int, H]]:
+        """(index, handle) of every subnet loaded so far."""
+        with self._lock:
+            return list(self._handles.items())
+
+    def clear(self) -> None:
+        """Forget every handle (the runner has freed what they hold)."""
+        with self._lock:
+            self._handles.clear()
 
 
 def native_handle(obj: Any) -> int:
@@ -113,68 +192,6 @@ def import_onnxruntime() -> Any:
 def subnet_files(manifest: Manifest, index: int) -> dict[str, str]:
     """`{"onnx": ..., "onnx_fp16"?: ..., "torch"?: ...}` of subnet `index` (paths relative to the bundle)."""
     return dict(manifest.subnets[index].files)
-
-
-class Runner:
-    """Base runner: lazy per-subnet handles, context management."""
-
-    name = "base"
-
-    def __init__(self, manifest: Manifest, worker_index: int = 0, max_batch: int | None = None) -> None:
-        self.manifest = manifest
-        self.worker_index = worker_index
-        self.max_batch = max_batch
-        self.tiling: tuple[int, int] | None = None
-        self.device = "cpu"
-        self.providers: list[str] = []
-        self._handles: dict[int, Any] = {}
-        self._lock = threading.Lock()
-
-    # --- to implement -------------------------------------------------------------------------------------
-    def _load(self, index: int) -> Any:
-        """Build the object that runs subnet `index` (session, module, engine context)."""
-        raise NotImplementedError
-
-    def _infer(self, handle: Any, batch: np.ndarray) -> np.ndarray:
-        """Run one handle on (n, 3, h, w) float32 -> (n, 3, h*s, w*s) float32."""
-        raise NotImplementedError
-
-    # --- the interface ------------------------------------------------------------------------------------
-    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
-        """(n, 3, h, w) float32 in [0, 1] -> (n, 3, h*s, w*s) float32 (not clamped) by subnet `index`."""
-        if not 0 <= index < len(self.manifest.subnets):
-            raise IndexError(f"subnet {index} out of range 0..{len(self.manifest.subnets) - 1}")
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected an (n, 3, h, w) batch, got {batch.shape}")
-        if self.max_batch is not None and batch.shape[0] > self.max_batch:
-            raise ValueError(f"batch of {batch.shape[0]} exceeds max_batch {self.max_batch}")
-        with self._lock:
-            if index not in self._handles:
-                self._handles[index] = self._load(index)
-            handle = self._handles[index]
-        out = self._infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
-        n, _, h, w = batch.shape
-        s = self.manifest.scale
-        if out.shape != (n, 3, h * s, w * s):  # e.g. a manifest whose scale the graphs do not have
-            raise BundleError(
-                f"{self.manifest.root}: subnet {index} turns {n}x3x{h}x{w} into {'x'.join(map(str, out.shape))}, "
-                f"not the manifest's x{s}; {REBUILD}"
-            )
-        return out
-
-    def close(self) -> None:
-        """Free everything this runner holds (subclasses free their own handles first)."""
-        self._handles.clear()
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}(worker={self.worker_index}, device={self.device!r}, providers={self.providers})"
 
 
 _shared_arena = threading.Lock()  # held while the process-wide CPU arena is registered (once)
