@@ -254,3 +254,21 @@ def test_lazy_subnets_load_each_once_and_check_every_call(gain_bundle: Path) -> 
     subnets.clear()
     assert subnets.loaded() == []
 
+
+def test_ort_feeds_the_tensors_the_manifest_names(gain_bundle: Path, tmp_path: Path) -> None:
+    """ONNX Runtime, like TensorRT, feeds and reads the tensors the manifest names; a graph without them is
+    a one-line BundleError."""
+    import json
+
+    from wbsr_runtime.manifest import BundleError
+
+    copy = Path(shutil.copytree(gain_bundle, tmp_path / "b"))
+    data = json.loads((copy / "manifest.json").read_text())
+    data["subnets"][1]["input"] = "x"  # manifest.json itself is not hashed
+    (copy / "manifest.json").write_text(json.dumps(data))
+    batch = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
+    with open_runners(load_manifest(copy), "ort")[0] as runner:
+        np.testing.assert_array_equal(runner.run_subnet(0, batch), nearest(batch, 3))
+        with pytest.raises(BundleError, match=r"subnet_01.onnx takes \['lr'\] and gives \['sr'\], the manifest "
+                           r"says 'x' -> 'sr'; re-export"):
+            runner.run_subnet(1, batch)

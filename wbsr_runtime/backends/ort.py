@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..engines import profile_shapes
+from ..manifest import REBUILD, BundleError
 from .base import BackendError, LazySubnets, import_onnxruntime, ort_shadowing, session_options, subnet_files
 from .options import OrtOptions
 
@@ -112,7 +113,7 @@ class OrtRunner:
         return [("TensorrtExecutionProvider", opts), cuda, "CPUExecutionProvider"]
 
     def _load(self, index: int) -> tuple[Any, str, str]:
-        """(session, input name, output name) of subnet `index`."""
+        """(session, input name, output name) of subnet `index`, the names the manifest records."""
         files, fp16 = subnet_files(self.manifest, index), self.options.fp16
         rel = files.get("onnx_fp16") if fp16 and files.get("onnx_fp16") else files["onnx"]
         if fp16 and not files.get("onnx_fp16"):
@@ -128,7 +129,14 @@ class OrtRunner:
             )
         self.providers = got
         log.debug("ort worker %d: %s on %s", self.worker_index, rel, got)
-        return session, session.get_inputs()[0].name, session.get_outputs()[0].name
+        subnet = self.manifest.subnets[index]
+        inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        if subnet.input not in inputs or subnet.output not in outputs:
+            raise BundleError(
+                f"{self.manifest.root}: {rel} takes {inputs} and gives {outputs}, the manifest says "
+                f"{subnet.input!r} -> {subnet.output!r}; {REBUILD}"
+            )
+        return session, subnet.input, subnet.output
 
     @staticmethod
     def _infer(handle: tuple[Any, str, str], batch: np.ndarray) -> np.ndarray:
