@@ -178,6 +178,7 @@ def entry_points(p: Platform) -> dict[str, Any]:
 def _torch_tensors(p: Platform) -> dict[str, Any]:
     import torch
 
+    from wbsr_runtime.backends import TorchOptions
     from wbsr_runtime.backends.torch import TorchRunner
     from wbsr_runtime.manifest import load_manifest
 
@@ -189,7 +190,7 @@ def _torch_tensors(p: Platform) -> dict[str, Any]:
             continue  # no CUDA streams on the CPU
         ext = torch.cuda.Stream() if not p.dry else None
         stream = {"own stream": None, "int handle": ext and ext.cuda_stream, "torch stream": ext}[kind]
-        with TorchRunner(manifest, device=p.device, stream=stream) as runner:
+        with TorchRunner(manifest, device=p.device, options=TorchOptions(stream=stream)) as runner:
             lr = x.to(p.device)
             sr = runner.run_tensor(8, lr)
             del lr  # freed while the runner's stream may still read it: record_stream keeps the block

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rows(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any]]]:
     """(label, bundle, Upscaler keyword arguments) of every runtime row; the bicubic row is handled apart."""
-    from wbsr_runtime.upscaler import DEFAULT_MERGE
+    from wbsr_runtime import defaults
 
     common = {k: v for k in ("patch", "overlap", "chunk") if (v := getattr(args, k)) is not None}
     if args.backend in ("ort", "auto") and args.threads:
@@ -81,7 +81,7 @@ def _rows(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any]]]:
     tiled += [(f"dynamic, {name}", {"mode": "dynamic", **kw}) for kw, name in knobs]
     tiled += [(f"dynamic, measured cost, {name}", {"mode": "dynamic", "cost": "measured", **kw})
               for kw, name in [({}, "bundle tolerance"), *knobs]]
-    merge = DEFAULT_MERGE if args.merge is None else args.merge
+    merge = defaults.MERGE if args.merge is None else args.merge
     rows = [("full, whole frame", {"mode": "whole"})] + [(label, kw | {"merge": merge}) for label, kw in tiled]
     if merge >= 1:
         rows += [(f"{label}, equal tiles (merge 0)", kw | {"merge": 0}) for label, kw in tiled[:2]]
@@ -169,7 +169,7 @@ def _summarise(label: str, per_image: list[dict[str, Any]], flops_pp: np.ndarray
     stats = [r["stats"] for r in per_image]
     if stats[0] is None:
         return row | {"flops_paper_pct": None, "flops_exec_pct": None, "shares_pct": None}
-    counts = np.sum([s.patches_per_subnet for s in stats], axis=0)
+    counts = np.sum([s.tiles_per_subnet for s in stats], axis=0)
     row["patches_per_subnet"] = counts.tolist()
     row["flops_paper_pct"] = 100.0 * float(counts @ flops_pp) / (counts.sum() * flops_pp[-1])
     row["flops_exec_pct"] = 100.0 * sum(s.flops for s in stats) / sum(s.flops_full for s in stats)

@@ -11,7 +11,7 @@ import numpy as np
 
 @dataclass
 class StandinStats:
-    patches_per_subnet: list[int] = field(default_factory=list)
+    tiles_per_subnet: list[int] = field(default_factory=list)
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
     subnets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 

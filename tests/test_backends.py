@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import numpy as np
 import pytest
 
 from tests.nearest_bundle import build_nearest_bundle, nearest, router_classes
-from wbsr_runtime.backends import BackendError, open_runners
+from wbsr_runtime.backends import BackendError, OrtOptions, Runner, backend_options, open_runners
+from wbsr_runtime.backends.base import LazySubnets
 from wbsr_runtime.manifest import load_manifest
+from wbsr_runtime.router import Router
 from wbsr_runtime.routing import classify
 
 
@@ -51,7 +55,7 @@ CASES = [
     ),
     pytest.param(
         "ort",
-        {"device": "cuda", "tensorrt": True},
+        {"device": "cuda", "options": OrtOptions(tensorrt=True)},
         id="ort-tensorrt",
         marks=[*GPU, pytest.mark.skipif(not _ort_has("TensorrtExecutionProvider"), reason="no ORT TensorRT EP")],
     ),
@@ -135,10 +139,10 @@ def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureReq
     assert len(runners) == 2
     for runner in runners:
         with runner:
-            assert runner.name == backend and runner.device
+            assert isinstance(runner, Runner) and runner.name == backend and runner.device
             shapes = [(1, 3, 5, 7), (3, 3, 12, 12)]
-            if runner.tiling is not None:  # bound to one tile: only (n, 3, T, T), 1 <= n <= max_batch
-                tile = runner.tiling[0] + 2 * runner.tiling[1]
+            if runner.fixed_tiles is not None:  # bound to one tile: only (n, 3, T, T), 1 <= n <= max_batch
+                tile = runner.fixed_tiles[0] + 2 * runner.fixed_tiles[1]
                 shapes = [(1, 3, tile, tile), (min(3, runner.max_batch), 3, tile, tile)]
             for m, gain in enumerate((1.0, 2.0, 0.5)):
                 for shape in shapes:
@@ -148,31 +152,46 @@ def check_backend(backend: str, opts: dict, manifest, request: pytest.FixtureReq
                     np.testing.assert_allclose(
                         out, nearest(batch, 3) * np.float32(gain), rtol=1e-6, atol=1e-6
                     )
-            frame = rng.random((1, 3, 20, 30), dtype=np.float32)
-            boxes = np.array([[0, 0, 8, 8], [3, 5, 20, 30], [10, 1, 13, 4]], dtype=np.int64)
-            scores, classes = runner.route(frame, boxes)
-            assert scores.dtype == np.float32 and classes.dtype == np.int64
-            np.testing.assert_array_equal(classes, router_classes(boxes, 4))
-            np.testing.assert_array_equal(classes, classify(scores, manifest.router.thresholds))
 
     # The real exported bundle (needs torch to build): subnets against ORT CPU, router against the spec.
-    if not _has("torch") or runners[0].tiling is not None:  # engines are built for the gain bundle only
+    if not _has("torch") or runners[0].fixed_tiles is not None:  # engines are built for the gain bundle only
         return
     tiny = load_manifest(request.getfixturevalue("tiny_bundle"))
     import onnxruntime as ort
 
     batch = rng.random((2, 3, 16, 16), dtype=np.float32)
-    frame = rng.random((1, 3, 40, 36), dtype=np.float32)
-    boxes = np.array([[0, 0, 16, 16], [8, 4, 40, 36], [20, 20, 23, 23]], dtype=np.int64)
     with open_runners(tiny, backend, workers=1, **opts)[0] as runner:
         for m, s in enumerate(tiny.subnets):
             ref = ort.InferenceSession(str(tiny.path(s.files["onnx"])), providers=["CPUExecutionProvider"])
             np.testing.assert_allclose(
                 runner.run_subnet(m, batch), ref.run(None, {"lr": batch})[0], atol=1e-4
             )
-        scores, classes = runner.route(frame, boxes)
+
+
+def test_router_classifies_by_the_bundle_graph(gain_bundle: Path, request: pytest.FixtureRequest) -> None:
+    """The router runs on ONNX Runtime's CPU provider whatever the backend: the stand-in router's classes, and
+    the exported router against the numpy descriptor (docs/bundle.md), also for an integer frame."""
+    rng = np.random.default_rng(0)
+    manifest = load_manifest(gain_bundle)
+    frame = rng.random((1, 3, 20, 30), dtype=np.float32)
+    boxes = np.array([[0, 0, 8, 8], [3, 5, 20, 30], [10, 1, 13, 4]], dtype=np.int64)
+    with Router(manifest) as router:
+        scores, classes = router.route(frame, boxes)
+    assert scores.dtype == np.float32 and classes.dtype == np.int64
+    np.testing.assert_array_equal(classes, router_classes(boxes, 4))
+    np.testing.assert_array_equal(classes, classify(scores, manifest.router.thresholds))
+    if not _has("torch"):  # the real exported bundle needs torch to build
+        return
+    tiny = load_manifest(request.getfixturevalue("tiny_bundle"))
+    frame = rng.random((1, 3, 40, 36), dtype=np.float32)
+    boxes = np.array([[0, 0, 16, 16], [8, 4, 40, 36], [20, 20, 23, 23]], dtype=np.int64)
+    with Router(tiny) as router:
+        scores, classes = router.route(frame, boxes)
         np.testing.assert_allclose(scores, numpy_scores(frame, boxes), rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(classes, classify(scores, tiny.router.thresholds))
+        as_uint8 = (frame * 255).round().astype(np.uint8)  # converted band by band
+        np.testing.assert_allclose(router.route(as_uint8, boxes)[0], numpy_scores(as_uint8 / 255.0, boxes),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_or_unavailable_backends_fail_in_one_line(gain_bundle: Path) -> None:
@@ -185,3 +204,71 @@ def test_unknown_or_unavailable_backends_fail_in_one_line(gain_bundle: Path) -> 
     if not _ort_has("CUDAExecutionProvider"):  # a GPU machine with onnxruntime-gpu runs it
         with pytest.raises(BackendError, match="onnxruntime-gpu"):
             open_runners(manifest, "ort", device="cuda")
+
+
+def test_options_are_the_chosen_backends(gain_bundle: Path) -> None:
+    """Each backend takes its own options dataclass; the Upscaler's keywords are refused, in one line, by a
+    backend that does not take them."""
+    assert backend_options("ort", {"threads": 2, "fp16": None}) == OrtOptions(threads=2)
+    with pytest.raises(ValueError, match=r"^the ort backend takes no stream option \(it takes threads, fp16"):
+        backend_options("ort", {"stream": 5, "threads": None})
+    with pytest.raises(ValueError, match="the trt backend takes no threads, tensorrt option"):
+        backend_options("trt", {"threads": 2, "tensorrt": False})
+    from wbsr_runtime.backends import TorchOptions
+
+    with pytest.raises(ValueError, match="the ort backend takes OrtOptions, got TorchOptions"):
+        open_runners(load_manifest(gain_bundle), "ort", options=TorchOptions())
+
+
+def test_lazy_subnets_load_each_once_and_check_every_call(gain_bundle: Path) -> None:
+    """The loading every backend shares: one load per subnet however many threads ask at once; batches and
+    outputs checked around the backend's own call."""
+    manifest, loads = load_manifest(gain_bundle), []
+
+    def load(index: int) -> float:
+        loads.append(index)
+        time.sleep(0.05)  # a slow load: the other threads arrive meanwhile
+        return (1.0, 2.0, 0.5)[index]
+
+    subnets = LazySubnets(manifest, load)
+    threads = [threading.Thread(target=subnets.get, args=(1,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [1] and subnets.loaded() == [(1, 2.0)]
+    batch = np.random.default_rng(0).random((2, 3, 4, 5), dtype=np.float32)
+    out = subnets.run(2, batch, 2, lambda gain, x: nearest(x, 3) * np.float32(gain))
+    np.testing.assert_array_equal(out, nearest(batch, 3) * np.float32(0.5))
+    with pytest.raises(IndexError, match="subnet 3 out of range 0..2"):
+        subnets.get(3)
+    with pytest.raises(ValueError, match="exceeds max_batch 1"):
+        subnets.run(0, batch, 1, lambda gain, x: x)
+    with pytest.raises(ValueError, match=r"expected an \(n, 3, h, w\) batch"):
+        subnets.run(0, batch[0], None, lambda gain, x: x)
+    from wbsr_runtime.manifest import BundleError
+
+    with pytest.raises(BundleError, match="turns 2x3x4x5 into 2x3x8x10, not the manifest's x3"):
+        subnets.run(0, batch, None, lambda gain, x: nearest(x, 2))
+    assert loads == [1, 2, 0]
+    subnets.clear()
+    assert subnets.loaded() == []
+
+
+def test_ort_feeds_the_tensors_the_manifest_names(gain_bundle: Path, tmp_path: Path) -> None:
+    """ONNX Runtime, like TensorRT, feeds and reads the tensors the manifest names; a graph without them is
+    a one-line BundleError."""
+    import json
+
+    from wbsr_runtime.manifest import BundleError
+
+    copy = Path(shutil.copytree(gain_bundle, tmp_path / "b"))
+    data = json.loads((copy / "manifest.json").read_text())
+    data["subnets"][1]["input"] = "x"  # manifest.json itself is not hashed
+    (copy / "manifest.json").write_text(json.dumps(data))
+    batch = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
+    with open_runners(load_manifest(copy), "ort")[0] as runner:
+        np.testing.assert_array_equal(runner.run_subnet(0, batch), nearest(batch, 3))
+        with pytest.raises(BundleError, match=r"subnet_01.onnx takes \['lr'\] and gives \['sr'\], the manifest "
+                           r"says 'x' -> 'sr'; re-export"):
+            runner.run_subnet(1, batch)

@@ -96,7 +96,7 @@ def test_single_routing_map_and_stats(tmp_path: Path, standin: None) -> None:
     )
     drawn = np.asarray(PILImage.open(rmap))
     assert drawn.shape[1:] == (32, 3) and drawn.shape[0] >= 24 + 3 * 16  # the image, then one legend row each
-    assert json.loads(stats.read_text())["patches_per_subnet"] == [2, 1, 1]
+    assert json.loads(stats.read_text())["tiles_per_subnet"] == [2, 1, 1]
     assert cli.main([str(src), "-o", str(tmp_path / "c.png"), "--stats", str(stats)]) == 2  # exists
 
 

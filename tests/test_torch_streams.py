@@ -12,7 +12,7 @@ import pytest
 from tests import fake_torch
 from tests.fake_torch import FakeTorch
 from tests.nearest_bundle import nearest
-from wbsr_runtime.backends import BackendError, open_runners
+from wbsr_runtime.backends import BackendError, TorchOptions, open_runners
 from wbsr_runtime.manifest import load_manifest
 
 GAINS = (1.0, 2.0, 0.5)
@@ -31,7 +31,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTorch:
 @pytest.mark.parametrize("fp16", [False, True])
 def test_numpy_path_orders_weights_before_forwards(program_bundle: Path, fake: FakeTorch, fp16: bool) -> None:
     """Weights are moved (and cast to half) on the runner's own stream, so its forwards see them."""
-    runners = open_runners(load_manifest(program_bundle), "torch", workers=2, device="cuda:1", fp16=fp16)
+    runners = open_runners(
+        load_manifest(program_bundle), "torch", workers=2, device="cuda:1", options=TorchOptions(fp16=fp16)
+    )
     batch = np.random.default_rng(0).random((2, 3, 5, 4), dtype=np.float32)
     for runner in runners:
         with runner:
@@ -45,7 +47,8 @@ def test_run_tensor_on_a_caller_stream(program_bundle: Path, fake: FakeTorch) ->
     """The device-tensor entry point: the runner waits for the caller's stream, marks the caller's input as
     used on its own stream, and hands the output back ready (and marked) on the caller's stream."""
     caller = fake.cuda.Stream(device="cuda:0")
-    runner = open_runners(load_manifest(program_bundle), "torch", device="cuda:0", stream=caller.cuda_stream)[0]
+    own_stream = TorchOptions(stream=caller.cuda_stream)
+    runner = open_runners(load_manifest(program_bundle), "torch", device="cuda:0", options=own_stream)[0]
     own = open_runners(load_manifest(program_bundle), "torch", device="cuda:0")[0]
     x = np.random.default_rng(1).random((1, 3, 4, 6), dtype=np.float32)
     with runner, own, fake.stream_context(fake.current_stream("cuda:0")):  # the caller on the default stream
@@ -63,7 +66,7 @@ def test_run_tensor_refuses_other_devices_and_default_streams(program_bundle: Pa
         with pytest.raises(ValueError, match="lr is on cuda:0, the runner on cuda:1"):
             runner.run_tensor(0, fake.tensor_on(np.zeros((1, 3, 4, 4)), "cuda:0"))
     with pytest.raises(BackendError, match="default stream"):
-        open_runners(manifest, "torch", device="cuda:0", stream=0)
+        open_runners(manifest, "torch", device="cuda:0", options=TorchOptions(stream=0))
 
 
 @pytest.mark.gpu
@@ -77,7 +80,7 @@ def test_run_tensor_on_a_real_gpu(tiny_bundle: Path) -> None:
 
     ext = torch.cuda.Stream()
     x = torch.rand(4, 3, 48, 40)
-    with TorchRunner(load_manifest(tiny_bundle), device="cuda", stream=ext.cuda_stream) as runner:
+    with TorchRunner(load_manifest(tiny_bundle), device="cuda", options=TorchOptions(stream=ext.cuda_stream)) as runner:
         want = runner.run_subnet(3, x.numpy())
         outs = []
         for _ in range(3):

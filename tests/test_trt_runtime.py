@@ -16,7 +16,7 @@ import pytest
 
 from tests.nearest_bundle import build_nearest_bundle, nearest
 from tests.trt_standin import FakeCudart, StandinTensorRT, add_standin_engines, installed
-from wbsr_runtime.backends import BackendError, choose_backend, open_runners
+from wbsr_runtime.backends import BackendError, TrtOptions, choose_backend, open_runners
 from wbsr_runtime.backends.trt import CudaError, TrtRunner
 from wbsr_runtime.engines import EngineMismatch
 from wbsr_runtime.manifest import load_manifest
@@ -114,7 +114,7 @@ def test_partial_batches_and_the_device_pointer_entry_point(engine_bundle: Path,
     trt, cudart = stack
     manifest = load_manifest(engine_bundle)
     with TrtRunner(manifest, device="cuda:1") as runner:
-        assert runner.tiling == (8, 2) and runner.max_batch == 4
+        assert runner.fixed_tiles == (8, 2) and runner.max_batch == 4
         for n in (1, 3, 4):
             batch = np.random.default_rng(n).random((n, 3, 12, 12), dtype=np.float32)
             np.testing.assert_array_equal(runner.run_subnet(1, batch), 2 * nearest(batch, 2))
@@ -134,7 +134,7 @@ def test_partial_batches_and_the_device_pointer_entry_point(engine_bundle: Path,
             with pytest.raises(BackendError, match="default stream"):
                 runner.run_subnet_device(0, src, dst, x.shape, stream=default)
     with pytest.raises(BackendError, match="default stream"):
-        TrtRunner(manifest, stream=0)
+        TrtRunner(manifest, options=TrtOptions(stream=0))
     assert cudart.violations == []
 
 

@@ -52,7 +52,7 @@ def test_nearest_stand_in_gives_nearest_upscaling_exactly(nn_bundle: Path, mode:
             assert out.dtype == img.dtype and out.shape == (2 * h, 2 * w, 3)
             np.testing.assert_array_equal(out, hwc_nearest(img, 2))
             stats = up.last_stats
-            assert sum(stats.patches_per_subnet) == (1 if mode == "whole" else len(stats.boxes))
+            assert sum(stats.tiles_per_subnet) == (1 if mode == "whole" else len(stats.boxes))
 
 
 @pytest.mark.parametrize("merge", [0, 1, 4])
@@ -88,15 +88,15 @@ def test_full_mode_merges_into_whole_frame_windows(nn_bundle: Path, monkeypatch)
         up.upscale(img)
         assert up.last_stats.windows == 12 and up.last_stats.flops_ratio > 1.5
 
-    from wbsr_runtime.backends import base
+    from wbsr_runtime.backends.ort import OrtRunner
 
-    init = base.Runner.__init__
+    init = OrtRunner.__init__
 
     def fixed_profile(self, *args, **kwargs):  # a backend that takes one tile size only, as TensorRT engines
         init(self, *args, **kwargs)
-        self.tiling = (8, 2)
+        self.fixed_tiles = (8, 2)
 
-    monkeypatch.setattr(base.Runner, "__init__", fixed_profile)
+    monkeypatch.setattr(OrtRunner, "__init__", fixed_profile)
     with Upscaler(nn_bundle, backend="ort", mode="full", patch=8, overlap=2, merge=4) as up:
         assert up.merge == 0
         np.testing.assert_array_equal(up.upscale(img), hwc_nearest(img, 2))
@@ -121,10 +121,10 @@ def test_measured_costs_rank_the_subnets(gain_bundle: Path, tmp_path: Path, monk
     from wbsr_runtime import upscaler as upscaler_mod
 
     with Upscaler(gain_bundle, backend="ort") as up:
-        costs = upscaler_mod.measure_costs(up.runners[0], 20)
+        costs = upscaler_mod.measure_costs(up.runners[0], 3, 20)
         assert costs.shape == (3,) and (costs > 0).all()
     # A machine where the full subnet is the fastest: every class takes it, whatever the tolerance.
-    monkeypatch.setattr(upscaler_mod, "measure_costs", lambda runner, size: np.array([3.0, 2.0, 1.0]))
+    monkeypatch.setattr(upscaler_mod, "measure_costs", lambda runner, count, size: np.array([3.0, 2.0, 1.0]))
     for knob in ({"tolerance": 10.0}, {"budget": 0.5}):
         with Upscaler(gain_bundle, backend="ort", cost="measured", **knob) as up:
             assert up.class_map.tolist() == [2, 2, 2, 2] and up.costs.tolist() == [3.0, 2.0, 1.0]
@@ -283,6 +283,13 @@ def test_out_of_range_knobs_are_refused_in_one_line(nn_bundle: Path, monkeypatch
     with pytest.raises(ValueError) as e:
         Upscaler(nn_bundle, backend="ort", **{knob: value})
     assert knob in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_option_the_backend_does_not_take_is_refused_in_one_line(nn_bundle: Path) -> None:
+    with pytest.raises(ValueError, match=r"^the ort backend takes no stream option \(it takes threads, fp16, "):
+        Upscaler(nn_bundle, backend="ort", stream=5)
+    with Upscaler(nn_bundle, backend="ort", threads=1, fp16=False, max_batch=2) as up:
+        assert up.runners[0].options.threads == 1 and up.runners[0].max_batch == 2
 
 
 def test_a_tile_with_its_padding_is_bounded(nn_bundle: Path) -> None:

@@ -65,7 +65,7 @@ def test_rgb24_equals_upscaler_bit_for_bit(mode: str) -> None:
     with Upscaler(scale=4, mode=mode) as up:
         for lr, f in zip(frames, out.frames(), strict=True):
             np.testing.assert_array_equal(np.stack(planes(f), axis=-1), up.upscale(lr))
-            counts = up.last_stats.patches_per_subnet
+            counts = up.last_stats.tiles_per_subnet
             assert list(f.props["WbsrSubnetShare"]) == pytest.approx([c / sum(counts) for c in counts])
             assert f.props["WbsrFlops"] == pytest.approx(up.last_stats.flops)
             assert f.props["WbsrFlopsRatio"] == pytest.approx(up.last_stats.flops_ratio)

@@ -8,26 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from wbsr_runtime.backends.base import cpu_session
 from wbsr_train.descriptor import box_scores, classify
 
 from .compare import compare
 
 
-def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session; `threads` caps intra-op threads (the machine is shared)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_onnx(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs of `session` on `feeds`, in graph order."""
     return session.run(None, feeds)
 
@@ -60,7 +53,7 @@ def parity_inputs(seed: int = 0, patch: int = 16, real: np.ndarray | None = None
 
 def subnet_parity(module: nn.Module, onnx_path: str | Path, inputs: Sequence[np.ndarray]) -> dict[str, float]:
     """Worst `max_abs` and `rel` of the ONNX graph against the PyTorch module over `inputs`."""
-    session = ort_session(onnx_path)
+    session = cpu_session(onnx_path, threads=1)
     results = [compare(run_torch(module, x), run_onnx(session, {"lr": x})[0]) for x in inputs]
     return {
         key: max(r[key] for r in results) if all(np.isfinite(r[key]) for r in results) else float("nan")
@@ -89,7 +82,7 @@ def router_parity(
     Returns the worst relative score error, the fraction of differing classes, and that fraction once ties
     are set aside (reference score within 1e-5 relative of a threshold).
     """
-    scores, classes = run_onnx(ort_session(onnx_path), {"frame": frame, "boxes": boxes})
+    scores, classes = run_onnx(cpu_session(onnx_path, threads=1), {"frame": frame, "boxes": boxes})
     ref = reference_scores(frame, boxes)
     thr = np.asarray(thresholds, dtype=np.float64)
     ref_classes = classify(torch.from_numpy(ref), torch.from_numpy(thr)).numpy()

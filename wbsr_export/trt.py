@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from wbsr_runtime.backends.base import cpu_session
 from wbsr_runtime.engines import (
     EngineSpec,
     TensorRTUnavailable,
@@ -290,11 +291,7 @@ def compare_outputs(
 
 
 def ort_reference(onnx_path: Path, batch: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, min(4, os.cpu_count() or 1))
-    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path, threads=max(1, min(4, os.cpu_count() or 1)))
     return session.run([output_name], {input_name: batch})[0]
 
 

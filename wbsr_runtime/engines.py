@@ -1,7 +1,7 @@
 """TensorRT engine identity: cache keys, optimisation profiles, and the checks that refuse a foreign engine.
 
-Pure stdlib + numpy, so both `wbsr_export.trt` (which builds engines) and the `trt` backend (which runs them)
-share one definition, and all of it is tested without TensorRT.
+Pure stdlib + numpy (and the runtime's `BackendError`), so both `wbsr_export.trt` (which builds engines) and the
+`trt` backend (which runs them) share one definition, and all of it is tested without TensorRT.
 
 A TensorRT plan only runs on the TensorRT version and GPU that built it. Following vs-mlrt, an engine's key
 hashes everything that changes the plan: the ONNX content, `tensorrt.__version__`, the GPU name and compute
@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .backends.base import BackendError
+
 KEY_VERSION = 1  # bump when the key's payload changes meaning
 KEY_LENGTH = 16  # hex digits of sha256 kept: 64 bits, ample for a handful of engines per bundle
 PRECISIONS = ("fp32", "fp16")
@@ -30,8 +32,9 @@ class EngineMismatch(ValueError):
     """An engine in the bundle was built for another TensorRT version or GPU, or none exists for this one."""
 
 
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT (or cuda-python) is not installed here. Defined here so the runtime need not import export."""
+class TensorRTUnavailable(BackendError):
+    """TensorRT (or cuda-python) is not installed here: for export a RuntimeError, for the runtime's backends
+    the "can't run here" error. Defined here so the runtime need not import export."""
 
     def __init__(self, what: str = "TensorRT") -> None:
         super().__init__(

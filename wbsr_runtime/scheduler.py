@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import defaults
 from .backends.base import Runner
 from .tiling import Stitcher, TilePlan, as_unit_float, extract_tiles
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 16  # grid tiles per call when the backend sets no limit: large enough to batch, small in memory
 
 
 @dataclass
@@ -48,9 +48,9 @@ def make_chunks(plan: TilePlan, tile_subnets: np.ndarray, chunk: int) -> list[tu
 
 
 def chunk_size(runners: Sequence[Runner], chunk: int | None = None) -> int:
-    """The tiles per call: `chunk` (or DEFAULT_CHUNK), capped by the smallest runner `max_batch`."""
+    """The tiles per call: `chunk` (or `defaults.CHUNK`), capped by the smallest runner `max_batch`."""
     limits = [r.max_batch for r in runners if r.max_batch is not None]
-    size = chunk or DEFAULT_CHUNK
+    size = chunk or defaults.CHUNK
     return max(1, min([size, *limits]))
 
 

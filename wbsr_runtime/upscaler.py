@@ -24,19 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from . import routing
-from .backends import choose_backend, open_runners
-from .defaults import MAX_PIXELS
+from . import defaults, routing
+from .backends import backend_options, choose_backend, open_runners
+from .backends.base import Runner
 from .graphs import check_graphs
 from .manifest import BundleError, Manifest, load_manifest
+from .router import Router
 from .scheduler import run_tiles
-from .tiling import MAX_TILE, MIN_WINDOW, as_unit_float, merge_tiles, pad_frame, plan_tiles, route_boxes, to_hwc
+from .tiling import MAX_TILE, MIN_WINDOW, merge_tiles, pad_frame, plan_tiles, route_boxes, to_chw, to_hwc
 
 log = logging.getLogger(__name__)
 
-MODES = ("dynamic", "full", "whole")
-COSTS = ("flops", "measured")
-DEFAULT_MERGE = 4  # neighbouring tiles of one subnet run as windows of up to 4 x 4 cores (README: benchmark)
 MODELS_DIR = Path(__file__).parent / "models"
 
 
@@ -49,6 +47,7 @@ class UpscaleStats:
     """What the last `upscale` call did. FLOPs are 2 x MACs of the subnets' convs on the LR pixels actually
     fed to them (tile windows with their context), against the full subnet on the whole frame once; the router
     is not counted. Times in seconds: router, subnets and tiling summed over workers; total is wall clock.
+    `tiles_per_subnet`: how many tiles each subnet ran (cheapest first; the whole frame counts as one tile).
     `boxes` (n, 4) int64 LR tile boxes (y0, x0, y1, x1) and `subnets` (n,) int64, the subnet of each tile,
     are None in "whole" mode; `windows` is how many windows the tiles were merged into (subnet calls' items).
     `predicted_loss_db` / `predicted_cost`: what calibration predicts for the map in use (dynamic mode with a
@@ -62,7 +61,7 @@ class UpscaleStats:
     scale: int
     patch: int | None
     overlap: int | None
-    patches_per_subnet: list[int]
+    tiles_per_subnet: list[int]
     flops: float
     flops_full: float
     router_s: float = 0.0
@@ -74,10 +73,6 @@ class UpscaleStats:
     predicted_cost: float | None = None
     boxes: np.ndarray | None = field(default=None, repr=False)
     subnets: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def patches(self) -> list[int]:
-        return self.patches_per_subnet
 
     @property
     def flops_ratio(self) -> float:
@@ -179,19 +174,11 @@ def flops_costs(manifest: Manifest) -> np.ndarray:
     return np.array([s.flops_per_patch for s in manifest.subnets], dtype=np.float64)
 
 
-def check_knobs(tolerance: float | None, budget: float | None) -> None:
-    """ValueError unless the routing knobs are finite and in range: tolerance >= 0 dB, budget in (0, 1]."""
-    if tolerance is not None and not (isinstance(tolerance, int | float) and 0 <= tolerance < math.inf):
-        raise ValueError(f"tolerance must be a finite number of dB >= 0, got {tolerance}")
-    if budget is not None and not (isinstance(budget, int | float) and 0 < budget <= 1):
-        raise ValueError(f"budget must be a fraction of the full model's cost in (0, 1], got {budget}")
-
-
-def measure_costs(runner: Any, size: int, batch: int = 2, repeats: int = 3) -> np.ndarray:
-    """(M,) median seconds of each subnet of `runner` on a (batch, 3, size, size) input, after a warm-up call;
-    the subnets take turns in every repeat, so a change in machine load hits them alike."""
+def measure_costs(runner: Runner, count: int, size: int, batch: int = 2, repeats: int = 3) -> np.ndarray:
+    """(count,) median seconds of subnets 0..count-1 of `runner` on a (batch, 3, size, size) input, after a
+    warm-up call; the subnets take turns in every repeat, so a change in machine load hits them alike."""
     x = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
-    subnets = range(len(runner.manifest.subnets))
+    subnets = range(count)
     for m in subnets:
         runner.run_subnet(m, x)
     times = np.empty((repeats, len(subnets)))
@@ -201,20 +188,6 @@ def measure_costs(runner: Any, size: int, batch: int = 2, repeats: int = 3) -> n
             runner.run_subnet(m, x)
             times[r, m] = time.perf_counter() - t0
     return np.median(times, axis=0)
-
-
-def to_chw(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> (3, H, W) float32 in [0, 1] (floats clipped), converted
-    one channel at a time (the "whole" mode's input; the tiled modes never make this copy)."""
-    x = np.empty((3, *image.shape[:2]), dtype=np.float32)
-    for c in range(3):
-        x[c] = as_unit_float(image[..., c])
-    return x
-
-
-def from_chw(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """(3, H, W) float32 (any range) -> (H, W, 3) `dtype`, clamped to [0, 1] (integers: scaled, rounded)."""
-    return to_hwc(x, dtype)
 
 
 class Upscaler:
@@ -233,12 +206,18 @@ class Upscaler:
     patch / overlap: LR core tile size and context (default: the bundle's; a fixed-shape backend's own, see
     below). merge: neighbouring tiles routed to one subnet run as one window of up to `merge` x `merge` cores,
     each read as what it writes plus its context (`tiling.merge_tiles`; 1: every tile alone); 0: equal tiles
-    of patch + 2 x overlap. Fixed-shape backends (TensorRT engines, ORT's TensorRT provider: `runner.tiling`)
+    of patch + 2 x overlap. Fixed-shape backends (TensorRT engines, ORT's TensorRT provider: `runner.fixed_tiles`)
     get only their tiles: merge 0, their tiling (explicit patch / overlap must match engines built for them),
     "measured" costs timed on their tiles, and mode "whole" refused. workers: runners (threads, and on a GPU
     streams). max_pixels: larger LR frames are refused (FrameTooLarge). chunk: grid tiles' worth of pixels
     per batched call.
-    backend_opts: passed to the runner (e.g. fp16=True, threads=2).
+    threads / fp16 / stream / tensorrt / max_batch / trt_cache (None: not given): the chosen backend's options
+    (`backends.options`; a backend refuses, with a ValueError, one it does not take). threads: intra-op threads
+    (ort, torch on the CPU); fp16: half-precision graphs (ort), arithmetic (torch) or engines (trt); stream: a
+    caller's non-blocking CUDA stream, an int handle (torch, trt; torch also takes a torch stream); tensorrt:
+    ORT's TensorRT provider (ort on CUDA); max_batch: tiles per call at most (a cap below the engines' for trt);
+    trt_cache: the TensorRT provider's engine cache folder (ort).
+    The router (`router.Router`, ONNX Runtime on the CPU whatever the backend) classifies the tiles.
     """
 
     def __init__(
@@ -254,15 +233,20 @@ class Upscaler:
         cost: str = "flops",
         patch: int | None = None,
         overlap: int | None = None,
-        merge: int = DEFAULT_MERGE,
+        merge: int = defaults.MERGE,
         workers: int = 1,
-        max_pixels: int = MAX_PIXELS,
+        max_pixels: int = defaults.MAX_PIXELS,
         chunk: int | None = None,
         verify: bool = True,
-        **backend_opts: Any,
+        threads: int | None = None,
+        fp16: bool | None = None,
+        stream: Any = None,
+        tensorrt: bool | None = None,
+        max_batch: int | None = None,
+        trt_cache: str | Path | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in defaults.MODES:
+            raise ValueError(f"mode must be one of {', '.join(defaults.MODES)}, got {mode!r}")
         check_options(tolerance=tolerance, budget=budget, patch=patch, overlap=overlap, merge=merge,
                       workers=workers, max_pixels=max_pixels)
         self.manifest = load_manifest(
@@ -275,16 +259,18 @@ class Upscaler:
         self.patch = self.manifest.tiling.patch if patch is None else patch
         self.overlap = self.manifest.tiling.overlap if overlap is None else overlap
         check_options(patch=self.patch, overlap=self.overlap)  # one given, the other the bundle's
-        if cost not in COSTS:
-            raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
-        check_knobs(tolerance, budget)
+        if cost not in defaults.COSTS:
+            raise ValueError(f"cost must be one of {', '.join(defaults.COSTS)}, got {cost!r}")
         flops = flops_costs(self.manifest)
         # Checks the knobs (and that "measured" can re-derive a map) before any backend opens.
         self.class_map = class_map(self.manifest, tolerance, budget, flops if cost == "measured" else None)
-        self.full = len(self.manifest.subnets) - 1
+        self.full_index = len(self.manifest.subnets) - 1
         tiling = (self.patch, self.overlap) if patch is not None or overlap is not None else None
         self.choice = choose_backend(self.manifest, backend, device, tiling)
-        self.runners = open_runners(self.manifest, self.choice, workers, tiling=tiling, **backend_opts)
+        given = {"threads": threads, "fp16": fp16, "stream": stream, "tensorrt": tensorrt}
+        options = backend_options(self.choice.backend, given | {"max_batch": max_batch, "trt_cache": trt_cache})
+        self.runners = open_runners(self.manifest, self.choice, workers, tiling=tiling, options=options)
+        self.router = Router(self.manifest)
         self.backend, self.merge = self.runners[0].name, merge
         self.costs = flops
         try:
@@ -302,7 +288,7 @@ class Upscaler:
 
     def _fit_fixed_shapes(self) -> None:
         """A backend bound to one tile shape gets that shape only: its tiling, equal tiles, no whole frames."""
-        fixed = self.runners[0].tiling
+        fixed = self.runners[0].fixed_tiles
         if fixed is None:
             return
         tile = fixed[0] + 2 * fixed[1]
@@ -321,9 +307,10 @@ class Upscaler:
         """`measure_costs` on the shapes this backend takes: tiles for a fixed-shape one, else windows of
         2 x 2 cores (2P + 2O)."""
         runner = self.runners[0]
-        if runner.tiling is None:
-            return measure_costs(runner, 2 * self.patch + 2 * self.overlap)
-        return measure_costs(runner, self.patch + 2 * self.overlap, batch=min(2, runner.max_batch or 2))
+        count = len(self.manifest.subnets)
+        if runner.fixed_tiles is None:
+            return measure_costs(runner, count, 2 * self.patch + 2 * self.overlap)
+        return measure_costs(runner, count, self.patch + 2 * self.overlap, batch=min(2, runner.max_batch or 2))
 
     def __enter__(self) -> Upscaler:
         return self
@@ -334,6 +321,7 @@ class Upscaler:
     def close(self) -> None:
         for r in self.runners:
             r.close()
+        self.router.close()
 
     def _predict(self) -> routing.Prediction | None:
         """Calibration's prediction for the map in use (logged), or None (uncalibrated bundle, baselines)."""
@@ -372,7 +360,7 @@ class Upscaler:
             t0 = time.perf_counter()
             if self.mode == "whole":
                 out, stats = self._whole(to_chw(image))
-                sr = from_chw(out, image.dtype)
+                sr = to_hwc(out, image.dtype)  # clamped to [0, 1]; integers scaled and rounded
             else:
                 sr, stats = self._tiled(image)  # stitched straight into the output dtype
             stats.total_s = time.perf_counter() - t0
@@ -387,7 +375,7 @@ class Upscaler:
             height=h,
             width=w,
             scale=self.scale,
-            flops_full=h * w * self._flops_per_pixel(self.full),
+            flops_full=h * w * self._flops_per_pixel(self.full_index),
             **kw,
         )
 
@@ -397,16 +385,16 @@ class Upscaler:
         ph, pw = max(3 - h, 0), max(3 - w, 0)
         xp = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect") if ph or pw else x
         t0 = time.perf_counter()
-        out = self.runners[0].run_subnet(self.full, xp[None])[0, :, : h * self.scale, : w * self.scale]
+        out = self.runners[0].run_subnet(self.full_index, xp[None])[0, :, : h * self.scale, : w * self.scale]
         counts = [0] * len(self.manifest.subnets)
-        counts[self.full] = 1
+        counts[self.full_index] = 1
         stats = self._stats(
             h,
             w,
             patch=None,
             overlap=None,
-            patches_per_subnet=counts,
-            flops=xp.shape[1] * xp.shape[2] * self._flops_per_pixel(self.full),
+            tiles_per_subnet=counts,
+            flops=xp.shape[1] * xp.shape[2] * self._flops_per_pixel(self.full_index),
         )
         stats.subnets_s = time.perf_counter() - t0
         return out, stats
@@ -424,10 +412,10 @@ class Upscaler:
         frame = pad_frame(image.transpose(2, 0, 1), plan)  # a (3, H, W) view; copied only when padded
         t1 = time.perf_counter()
         if self.mode == "dynamic":
-            _, classes = self.runners[0].route(frame[None], route_boxes(plan))
+            _, classes = self.router.route(frame[None], route_boxes(plan))
             tile_subnets = self.class_map[classes - 1]
         else:
-            tile_subnets = np.full(plan.num_tiles, self.full, dtype=np.int64)
+            tile_subnets = np.full(plan.num_tiles, self.full_index, dtype=np.int64)
         windows, window_subnets = (
             (plan, tile_subnets) if self.merge == 0 else merge_tiles(plan, tile_subnets, self.merge)
         )
@@ -439,7 +427,7 @@ class Upscaler:
             w,
             patch=self.patch,
             overlap=self.overlap,
-            patches_per_subnet=np.bincount(tile_subnets, minlength=len(fpp)).tolist(),
+            tiles_per_subnet=np.bincount(tile_subnets, minlength=len(fpp)).tolist(),
             flops=float(windows.sizes.prod(axis=1) @ fpp[window_subnets]),
             windows=windows.num_tiles,
             predicted_loss_db=None if self.prediction is None else self.prediction.loss_db,

@@ -136,8 +136,8 @@ def _frame_function(
             np.copyto(np.asarray(out[p]), sr[..., p])
         out.props.update({k: v for k, v in f.props.items() if k != "_Alpha"})
         if stats:
-            tiles = sum(st.patches_per_subnet)
-            out.props["WbsrSubnetShare"] = [c / tiles for c in st.patches_per_subnet]
+            tiles = sum(st.tiles_per_subnet)
+            out.props["WbsrSubnetShare"] = [c / tiles for c in st.tiles_per_subnet]
             out.props["WbsrFlops"] = float(st.flops)
             out.props["WbsrFlopsRatio"] = float(st.flops_ratio)
         return out

@@ -1,7 +1,8 @@
 """Backends: `choose_backend` decides which backend and device run a bundle; `open_runners` creates one
 runner per worker for it.
 
-Every runner implements `wbsr_runtime.backends.base.Runner`. Backend modules import their heavy packages
+Every runner implements the `Runner` protocol (`base.py`) and takes its backend's options dataclass
+(`options.py`: `OrtOptions`, `TorchOptions`, `TrtOptions`). Backend modules import their heavy packages
 (torch, tensorrt, cuda-python) lazily, so importing this package needs only numpy.
 
 `backend="auto"` takes, in order, the first that can run here: TensorRT when the bundle has engines for this
@@ -15,15 +16,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .. import CPU_TORCH
+from .. import CPU_TORCH, defaults
 from .base import BackendError, Runner, import_onnxruntime, ort_shadowing
+from .options import BackendOptions, OrtOptions, TorchOptions, TrtOptions, backend_options, check_options_type
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ort", "torch", "trt", "auto")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ def choose_backend(
 ) -> Choice:
     """The backend and device for `manifest` (see the module docstring); `tiling` (patch, overlap) when the
     caller tiles otherwise than the bundle, so that only TensorRT engines for those tiles count."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in defaults.BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(defaults.BACKENDS)}")
     dev = parse_device(device)
     if backend == "trt" and dev == "cpu":
         raise BackendError("the trt backend runs on a CUDA GPU, not the CPU; use --device cuda[:N]")
@@ -132,32 +134,39 @@ def open_runners(
     *,
     device: str | None = None,
     tiling: tuple[int, int] | None = None,
-    **opts: Any,
+    options: BackendOptions | None = None,
 ) -> list[Runner]:
     """One runner per worker (each bound to its own stream/sessions) for `choose_backend(manifest, backend,
     device, tiling)` (or for `backend`, a Choice made already); `tiling` also goes to the runners
-    (fixed-shape ones build for or check it), `opts` to the runner class. Close them (each is a context
-    manager) when done. Logs the choice and why. Raises BackendError with a one-line reason when the backend
-    can't run here."""
+    (fixed-shape ones build for or check it), `options` (the chosen backend's dataclass; None: its defaults)
+    to every runner. Close them (each is a context manager) when done. Logs the choice and why. Raises
+    BackendError with a one-line reason when the backend can't run here, ValueError for another backend's
+    options."""
     choice = backend if isinstance(backend, Choice) else choose_backend(manifest, backend, device, tiling)
     if workers < 1:
         raise BackendError(f"workers must be >= 1, got {workers}")
+    if options is None:
+        options = backend_options(choice.backend, {})
+    check_options_type(choice.backend, options)
+    if isinstance(options, OrtOptions) and choice.device == "cpu" and not options.threads:
+        options = replace(options, threads=max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
     cls = _runner_class(choice.backend)
-    if choice.backend == "ort" and choice.device == "cpu" and not opts.get("threads"):
-        opts = {**opts, "threads": max(1, (os.cpu_count() or 1) // workers)}  # the cores shared by the workers
     runners: list[Runner] = []
     try:
         for i in range(workers):
-            runners.append(cls(manifest, i, device=choice.device, tiling=tiling, **opts))
+            runners.append(cls(manifest, i, device=choice.device, tiling=tiling, options=options))
     except Exception:
         for r in runners:
             r.close()
         raise
-    log.info("%s; %d worker(s), %r", choice, workers, runners[0])
+    first = runners[0]
+    log.info("%s; %d worker(s), %s(device=%r, providers=%s)", choice, workers, type(first).__name__, first.device,
+             first.providers)
     return runners
 
 
-def _runner_class(name: str) -> type[Runner]:
+def _runner_class(name: str) -> Callable[..., Runner]:
+    """The runner class of backend `name`, imported now (BackendError when its packages are missing)."""
     if name == "ort":
         from .ort import OrtRunner
 
@@ -180,4 +189,16 @@ def _runner_class(name: str) -> type[Runner]:
     return TrtRunner
 
 
-__all__ = ["BACKENDS", "BackendError", "Choice", "Runner", "choose_backend", "open_runners", "parse_device"]
+__all__ = [
+    "BackendError",
+    "BackendOptions",
+    "Choice",
+    "OrtOptions",
+    "Runner",
+    "TorchOptions",
+    "TrtOptions",
+    "backend_options",
+    "choose_backend",
+    "open_runners",
+    "parse_device",
+]

@@ -1,24 +1,21 @@
-"""The one interface every backend implements (STYLE.md principle 5).
+"""The one interface every backend implements (STYLE.md principle 5), and what the backends share.
 
 A `Runner` is created bound to one worker (one thread; on a GPU one stream and its own execution contexts),
-used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and does two things:
+used as a context manager (`__exit__` frees sessions, engines, streams and buffers), and runs subnets:
 
 - `run_subnet(index, batch)`: `batch` (n, 3, h, w) float32 RGB in [0, 1] -> (n, 3, h*s, w*s) float32, not
   clamped, computed by subnet `index` of the bundle (0 = cheapest). `n` is at most `max_batch` when that is
   not None; the scheduler chunks to it. Implementations may assume one calling thread at a time.
-- `route(frame, boxes)`: frame (1, 3, H, W) uint8 / uint16 or float in [0, 1] (converted band by band),
-  boxes (n, 4) int64 `y0, x0, y1, x1` (half-open, each >= 3x3) -> scores (n,) float32 and classes (n,) int64
-  in 1..K. The implementation here runs the bundle's `router.onnx` with ONNX Runtime on the CPU (it is
-  cheap), so backends inherit it.
 
-Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `tiling` (None when it takes
+Attributes: `name` (backend name), `max_batch` (int or None for unbounded), `fixed_tiles` (None when it takes
 inputs of any size; else the (patch, overlap) whose tiles, (n, 3, patch + 2 x overlap, same) with
 1 <= n <= max_batch, are the only shapes it takes, as TensorRT engines built for one profile do: the Upscaler
 then tiles with exactly that and sends nothing else), `device` (a short string such as "cpu" or
 "cuda:0 (NVIDIA H100)"), `providers` (what actually runs, e.g. ORT providers).
 
-A subclass implements `_load(index)` (build whatever runs subnet `index`, called lazily once) and
-`_infer(handle, batch)`, and releases its own resources in `close()` (calling `super().close()`).
+Backends implement it without a common base class: each holds a `LazySubnets` (what runs each subnet, built
+on first use under one lock, and the checks around every call). Routing is not a runner's job: the bundle's
+router runs on ONNX Runtime's CPU provider for every backend (`wbsr_runtime.router.Router`).
 """
 
 from __future__ import annotations
@@ -27,18 +24,97 @@ import importlib.metadata
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from ..manifest import REBUILD, BundleError, Manifest
-from ..tiling import as_unit_float
 
 log = logging.getLogger(__name__)
+
+H = TypeVar("H")
 
 
 class BackendError(RuntimeError):
     """A backend cannot be created or run here (missing package, no GPU, silent CPU fallback, ...)."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the scheduler and the Upscaler need of a backend (see the module docstring)."""
+
+    name: str
+    device: str
+    providers: list[str]
+    max_batch: int | None
+    fixed_tiles: tuple[int, int] | None
+
+    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, h, w) float32 in [0, 1] -> (n, 3, h*s, w*s) float32 (not clamped) by subnet `index`."""
+        ...
+
+    def close(self) -> None:
+        """Free everything the runner holds; it is not used afterwards."""
+        ...
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class LazySubnets(Generic[H]):
+    """What runs each subnet of `manifest` (a session, a module, an engine context), built by `load(index)` on
+    first use, once, under one lock (a runner's worker and a caller may both reach it); and the checks around
+    every call. The one implementation of lazy loading the backends share."""
+
+    def __init__(self, manifest: Manifest, load: Callable[[int], H]) -> None:
+        self.manifest, self._load = manifest, load
+        self._handles: dict[int, H] = {}
+        self._lock = threading.Lock()
+
+    def get(self, index: int) -> H:
+        """The handle of subnet `index`, loaded now if it is not yet; IndexError outside 0..M-1."""
+        self._check_index(index)
+        with self._lock:
+            if index not in self._handles:
+                self._handles[index] = self._load(index)
+            return self._handles[index]
+
+    def run(
+        self, index: int, batch: np.ndarray, max_batch: int | None, infer: Callable[[H, np.ndarray], np.ndarray]
+    ) -> np.ndarray:
+        """`infer(handle, batch)` for subnet `index`, with the batch (n, 3, h, w), n <= `max_batch`, made
+        contiguous float32, and the output checked to be (n, 3, h*s, w*s) at the manifest's scale."""
+        self._check_index(index)
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected an (n, 3, h, w) batch, got {batch.shape}")
+        if max_batch is not None and batch.shape[0] > max_batch:
+            raise ValueError(f"batch of {batch.shape[0]} exceeds max_batch {max_batch}")
+        handle = self.get(index)
+        out = infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
+        n, _, h, w = batch.shape
+        s = self.manifest.scale
+        if out.shape != (n, 3, h * s, w * s):  # e.g. a manifest whose scale the graphs do not have
+            raise BundleError(
+                f"{self.manifest.root}: subnet {index} turns {n}x3x{h}x{w} into {'x'.join(map(str, out.shape))}, "
+                f"not the manifest's x{s}; {REBUILD}"
+            )
+        return out
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self.manifest.subnets):
+            raise IndexError(f"subnet {index} out of range 0..{len(self.manifest.subnets) - 1}")
+
+    def loaded(self) -> list[tuple[int, H]]:
+        """(index, handle) of every subnet loaded so far."""
+        with self._lock:
+            return list(self._handles.items())
+
+    def clear(self) -> None:
+        """Forget every handle (the runner has freed what they hold)."""
+        with self._lock:
+            self._handles.clear()
 
 
 def native_handle(obj: Any) -> int:
@@ -118,104 +194,6 @@ def subnet_files(manifest: Manifest, index: int) -> dict[str, str]:
     return dict(manifest.subnets[index].files)
 
 
-class Runner:
-    """Base runner: lazy per-subnet handles, the ONNX Runtime CPU router, context management."""
-
-    name = "base"
-
-    def __init__(self, manifest: Manifest, worker_index: int = 0, max_batch: int | None = None) -> None:
-        self.manifest = manifest
-        self.worker_index = worker_index
-        self.max_batch = max_batch
-        self.tiling: tuple[int, int] | None = None
-        self.device = "cpu"
-        self.providers: list[str] = []
-        self._handles: dict[int, Any] = {}
-        self._router: Any = None
-        self._lock = threading.Lock()
-
-    # --- to implement -------------------------------------------------------------------------------------
-    def _load(self, index: int) -> Any:
-        """Build the object that runs subnet `index` (session, module, engine context)."""
-        raise NotImplementedError
-
-    def _infer(self, handle: Any, batch: np.ndarray) -> np.ndarray:
-        """Run one handle on (n, 3, h, w) float32 -> (n, 3, h*s, w*s) float32."""
-        raise NotImplementedError
-
-    # --- the interface ------------------------------------------------------------------------------------
-    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
-        """(n, 3, h, w) float32 in [0, 1] -> (n, 3, h*s, w*s) float32 (not clamped) by subnet `index`."""
-        if not 0 <= index < len(self.manifest.subnets):
-            raise IndexError(f"subnet {index} out of range 0..{len(self.manifest.subnets) - 1}")
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected an (n, 3, h, w) batch, got {batch.shape}")
-        if self.max_batch is not None and batch.shape[0] > self.max_batch:
-            raise ValueError(f"batch of {batch.shape[0]} exceeds max_batch {self.max_batch}")
-        with self._lock:
-            if index not in self._handles:
-                self._handles[index] = self._load(index)
-            handle = self._handles[index]
-        out = self._infer(handle, np.ascontiguousarray(batch, dtype=np.float32))
-        n, _, h, w = batch.shape
-        s = self.manifest.scale
-        if out.shape != (n, 3, h * s, w * s):  # e.g. a manifest whose scale the graphs do not have
-            raise BundleError(
-                f"{self.manifest.root}: subnet {index} turns {n}x3x{h}x{w} into {'x'.join(map(str, out.shape))}, "
-                f"not the manifest's x{s}; {REBUILD}"
-            )
-        return out
-
-    def route(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """frame (1, 3, H, W) uint8 / uint16 or float in [0, 1], boxes (n, 4) int64 -> scores (n,) float32,
-        classes (n,) int64 in 1..K.
-
-        The router is run once per band of rows `y0:y1` shared by boxes (a tile row of a plan): its float64
-        integral images are frame-sized, about 70 bytes per pixel, so a 4K frame in one call would need GBs.
-        Only the band is converted to float32, so an integer frame is never copied whole.
-        """
-        with self._lock:
-            if self._router is None:
-                self._router = _cpu_session(self.manifest.path(self.manifest.router.file), threads=1)
-        boxes = np.asarray(boxes, dtype=np.int64)
-        scores, classes = np.empty(len(boxes), np.float32), np.empty(len(boxes), np.int64)
-        rows, group = np.unique(boxes[:, [0, 2]], axis=0, return_inverse=True)
-        for g, (y0, y1) in enumerate(rows):
-            sel = np.flatnonzero(group.ravel() == g)
-            band = np.ascontiguousarray(as_unit_float(frame[:, :, y0:y1]))
-            scores[sel], classes[sel] = self._route_band(band, boxes[sel] - np.array([y0, 0, y0, 0]))
-        k = self.manifest.router.num_classes
-        if len(classes) and not 1 <= classes.min() <= classes.max() <= k:
-            raise BundleError(
-                f"{self.manifest.root}: {self.manifest.router.file} gives classes up to {classes.max()}, but the "
-                f"manifest has {k}; {REBUILD}"
-            )
-        return scores, classes
-
-    def _route_band(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        names = self.manifest.router
-        scores, classes = self._router.run(
-            [names.outputs["scores"], names.outputs["classes"]],
-            {names.inputs["frame"]: frame, names.inputs["boxes"]: np.ascontiguousarray(boxes)},
-        )
-        return scores.astype(np.float32), classes.astype(np.int64)
-
-    def close(self) -> None:
-        """Free everything this runner holds (subclasses free their own handles first)."""
-        self._handles.clear()
-        self._router = None
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        name = type(self).__name__
-        return f"{name}(worker={self.worker_index}, device={self.device!r}, providers={self.providers})"
-
-
 _shared_arena = threading.Lock()  # held while the process-wide CPU arena is registered (once)
 _arena_registered = False
 
@@ -246,7 +224,7 @@ def session_options(threads: int) -> Any:
     return opts
 
 
-def _cpu_session(path: str | os.PathLike, threads: int) -> Any:
+def cpu_session(path: str | os.PathLike, threads: int) -> Any:
     """An ONNX Runtime CPU session (see `session_options`)."""
     ort = import_onnxruntime()
 

@@ -1,12 +1,12 @@
 """PyTorch backend: the bundle's `subnet_XX.pt2` torch.export programs (never the training package).
 
 CPU or CUDA; on CUDA each runner owns one CUDA stream, so several runners (one per scheduler thread) overlap
-on the GPU. fp16 is opt-in (`fp16=True`: weights and arithmetic in float16, fp32 in and out).
+on the GPU. fp16 is opt-in (`TorchOptions(fp16=True)`: weights and arithmetic in float16, fp32 in and out).
 
 Embedding in a GPU pipeline (PyTorch, pycuda, DeepStream) without host copies:
 
-    runner = TorchRunner(manifest, device="cuda", stream=handle)   # handle: int cudaStream_t, or a
-                                                                    # torch.cuda.Stream / ExternalStream
+    runner = TorchRunner(manifest, device="cuda", options=TorchOptions(stream=handle))
+    # handle: an int cudaStream_t, or a torch.cuda.Stream / ExternalStream
     sr = runner.run_tensor(index, lr)    # lr: (n, 3, h, w) float32 CUDA tensor in [0, 1] on runner's device
     # `sr` is (n, 3, h*s, w*s) on the same device. The work runs on `runner.stream` and is NOT synchronised
     # with the host, but the stream that was current at the call waits for it: use `sr` on that stream.
@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendError, Runner, stream_handle, subnet_files
+from .base import BackendError, LazySubnets, stream_handle, subnet_files
+from .options import TorchOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,12 @@ def _import_torch() -> Any:
     return torch
 
 
-class TorchRunner(Runner):
-    """torch.export runner. `device`: "cpu", "cuda" or "cuda:N"; `stream`: an external CUDA stream (int
-    handle or torch stream) to enqueue on instead of creating one; `fp16`: half precision inside."""
+class TorchRunner:
+    """torch.export runner (a `base.Runner`). `device`: "cpu", "cuda" or "cuda:N"; `tiling` is accepted for the
+    common constructor and ignored (any shape runs here); `options`: see `TorchOptions`."""
 
     name = "torch"
+    fixed_tiles = None
 
     def __init__(
         self,
@@ -59,15 +61,15 @@ class TorchRunner(Runner):
         worker_index: int = 0,
         *,
         device: str = "cpu",
-        fp16: bool = False,
-        stream: Any = None,
-        max_batch: int | None = None,
-        threads: int | None = None,
-        tiling: tuple[int, int] | None = None,  # accepted for the common interface: any shape runs here
+        tiling: tuple[int, int] | None = None,
+        options: TorchOptions | None = None,
     ) -> None:
-        super().__init__(manifest, worker_index, max_batch=max_batch)
+        options = options or TorchOptions()
+        self.manifest, self.worker_index = manifest, worker_index
+        self.max_batch, self.fp16 = options.max_batch, options.fp16
         torch = self._torch = _import_torch()
-        self._dev = torch.device(device)
+        self._dev, stream = torch.device(device), options.stream
+        self.device = "cpu"
         if self._dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise BackendError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here")
@@ -81,10 +83,16 @@ class TorchRunner(Runner):
             raise BackendError("a CUDA stream was given but the torch device is the CPU")
         else:
             self.stream = None
-            if threads:
-                torch.set_num_threads(threads)  # process-wide in PyTorch: the last runner created wins
-        self.fp16 = fp16
-        self.providers = [f"torch {torch.__version__}", "fp16" if fp16 else "fp32"]
+            if options.threads:
+                torch.set_num_threads(options.threads)  # process-wide in PyTorch: the last runner created wins
+        self.providers = [f"torch {torch.__version__}", "fp16" if self.fp16 else "fp32"]
+        self._subnets = LazySubnets(manifest, self._load)
+
+    def __enter__(self) -> TorchRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _load(self, index: int) -> Any:
         rel = subnet_files(self.manifest, index).get("torch")
@@ -102,13 +110,8 @@ class TorchRunner(Runner):
             module = move_to_device_pass(program, self._dev).module()
             return module.half() if self.fp16 else module
 
-    def _module(self, index: int) -> Any:
-        with self._lock:
-            if index not in self._handles:
-                self._handles[index] = self._load(index)
-            return self._handles[index]
-
     def _forward(self, module: Any, x: Any) -> Any:
+        # A torch.export program takes its input by position (the manifest's tensor names are the ONNX graphs').
         with self._torch.inference_mode():
             y = module(x.half() if self.fp16 else x)
         return y.float()
@@ -119,7 +122,7 @@ class TorchRunner(Runner):
         call is made to wait for it, so `sr` is ready on that stream (see the module docstring)."""
         if lr.device != self._dev:
             raise ValueError(f"lr is on {lr.device}, the runner on {self._dev}")
-        module = self._module(index)
+        module = self._subnets.get(index)
         if self.stream is None:
             return self._forward(module, lr)
         torch = self._torch
@@ -132,13 +135,21 @@ class TorchRunner(Runner):
         sr.record_stream(caller)  # allocated on our stream, used on the caller's
         return sr
 
-    def _infer(self, handle: Any, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, module: Any, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         x = torch.from_numpy(batch)
         if self.stream is None:
-            return self._forward(handle, x).numpy()
+            return self._forward(module, x).numpy()
         pinned = x.pin_memory()  # async copies need page-locked host memory; kept alive until the sync
         with torch.cuda.stream(self.stream):
-            y = self._forward(handle, pinned.to(self._dev, non_blocking=True)).to("cpu", non_blocking=True)
+            y = self._forward(module, pinned.to(self._dev, non_blocking=True)).to("cpu", non_blocking=True)
         self.stream.synchronize()
         return y.numpy()
+
+    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, h, w) float32 in [0, 1] -> (n, 3, h*s, w*s) float32 (not clamped) by subnet `index`;
+        synchronised before it returns."""
+        return self._subnets.run(index, batch, self.max_batch, self._infer)
+
+    def close(self) -> None:
+        self._subnets.clear()

@@ -23,21 +23,18 @@ from typing import Any
 import numpy as np
 
 from ..engines import EngineMismatch, TensorRTUnavailable, engine_tiling, find_engine, rebuild_command
-from .base import BackendError, Runner, native_handle, stream_handle
+from .base import BackendError, LazySubnets, native_handle, stream_handle
+from .options import TrtOptions
 
 log = logging.getLogger(__name__)
 
 
 # --- lazy imports and cuda-python error handling ------------------------------------------------------------
-class TrtUnavailable(TensorRTUnavailable, BackendError):
-    """TensorRT or cuda-python is missing: both the shared error and the backends' "can't run here" error."""
-
-
 def import_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError:
-        raise TrtUnavailable("TensorRT") from None
+        raise TensorRTUnavailable("TensorRT") from None
     return tensorrt
 
 
@@ -49,7 +46,7 @@ def import_cudart() -> Any:
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise TrtUnavailable("cuda-python") from None
+            raise TensorRTUnavailable("cuda-python") from None
     return runtime
 
 
@@ -246,13 +243,13 @@ def run_plan_once(
     cuda_call(cudart.cudaSetDevice, device)
     runtime, engine = deserialize(trt, plan)
     stream = native_handle(cuda_call(cudart.cudaStreamCreateWithFlags, cudart.cudaStreamNonBlocking))
-    runner = None
+    bound = None  # the engine's execution context and buffers
     try:
-        runner = TrtEngine(trt, cudart, engine, input_name, output_name)
-        return runner.execute(np.ascontiguousarray(batch, dtype=np.float32), stream)
+        bound = TrtEngine(trt, cudart, engine, input_name, output_name)
+        return bound.execute(np.ascontiguousarray(batch, dtype=np.float32), stream)
     finally:
-        if runner is not None:
-            runner.close()
+        if bound is not None:
+            bound.close()
         cuda_call(cudart.cudaStreamDestroy, stream)
         del engine, runtime
 
@@ -304,11 +301,11 @@ def rebuild_target(root: object, tiling: tuple[int, int] | None) -> str:
     return f"{root}" if tiling is None else f"{root} --patch {tiling[0]} --overlap {tiling[1]}"
 
 
-class TrtRunner(Runner):
-    """Runs the bundle's TensorRT engines on one non-blocking CUDA stream (its own, or `stream`, a caller's
-    `cudaStream_t` handle as an int; never a default stream). Refuses engines built for another TensorRT
-    version or GPU. Bound to the engines' tile: `tiling` = (patch, overlap) picks the engines for
-    patch + 2 x overlap tiles; None takes the bundle's engines and their recorded tiling."""
+class TrtRunner:
+    """Runs the bundle's TensorRT engines (a `base.Runner`) on one non-blocking CUDA stream (its own, or
+    `options.stream`, a caller's `cudaStream_t` handle as an int; never a default stream). Refuses engines
+    built for another TensorRT version or GPU. Bound to the engines' tile: `tiling` = (patch, overlap) picks
+    the engines for patch + 2 x overlap tiles; None takes the bundle's engines and their recorded tiling."""
 
     name = "trt"
 
@@ -317,34 +314,37 @@ class TrtRunner(Runner):
         manifest: Any,
         worker_index: int = 0,
         *,
-        stream: int | None = None,
         device: int | str = 0,
-        precision: str | None = None,
-        fp16: bool | None = None,
-        max_batch: int | None = None,
         tiling: tuple[int, int] | None = None,
+        options: TrtOptions | None = None,
     ) -> None:
-        """`device`: CUDA ordinal (or "cuda:N"); `precision`/`fp16`: which engines to use when the bundle has
-        both (default: the first recorded for this machine); `max_batch`: cap below the engines' profile."""
+        """`device`: CUDA ordinal (or "cuda:N"); `options`: see `TrtOptions` (None: the defaults)."""
+        options = options or TrtOptions()
         self._trt, self._cudart = import_tensorrt(), import_cudart()
-        super().__init__(manifest, worker_index)
+        self.manifest, self.worker_index = manifest, worker_index
         self._device_index, self._stream, self._owns_stream = _device_ordinal(device), 0, False
-        if precision is None and fp16 is not None:
-            precision = "fp16" if fp16 else "fp32"
+        precision = None if options.fp16 is None else "fp16" if options.fp16 else "fp32"
         self.device, self._records = machine_engines(
             manifest, self._trt, self._cudart, self._device_index, precision=precision, tiling=tiling
         )
-        self.tiling = tiling or engine_tiling(self._records[0], manifest.tiling.patch, manifest.tiling.overlap)
+        self.fixed_tiles = tiling or engine_tiling(self._records[0], manifest.tiling.patch, manifest.tiling.overlap)
         self.max_batch = min(int(r["profile"]["max"][0]) for r in self._records)
-        if max_batch is not None:
-            self.max_batch = max(1, min(self.max_batch, int(max_batch)))
+        if options.max_batch is not None:
+            self.max_batch = max(1, min(self.max_batch, int(options.max_batch)))
         self.providers = [f"TensorRT {self._trt.__version__}", self._records[0]["precision"]]
-        if stream is None:
+        self._engines: LazySubnets[TrtEngine] = LazySubnets(manifest, self._load)
+        if options.stream is None:
             flags = self._cudart.cudaStreamNonBlocking
             self._stream = native_handle(cuda_call(self._cudart.cudaStreamCreateWithFlags, flags))
             self._owns_stream = True
         else:
-            self._stream = stream_handle(stream)
+            self._stream = stream_handle(options.stream)
+
+    def __enter__(self) -> TrtRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _bind(self) -> None:
         """Make the runner's GPU current on the calling thread: the CUDA device is per-thread state, and the
@@ -362,39 +362,42 @@ class TrtRunner(Runner):
             _ENGINES.release(path, self._device_index)
             raise
 
-    def _infer(self, handle: TrtEngine, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, bound: TrtEngine, batch: np.ndarray) -> np.ndarray:
         self._bind()
-        return handle.execute(batch, self._stream)
+        return bound.execute(batch, self._stream)
+
+    def run_subnet(self, index: int, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, T, T) float32 in [0, 1] host -> (n, 3, T*s, T*s) float32 host by subnet `index` (T = patch +
+        2 x overlap of `self.fixed_tiles`, n <= max_batch); synchronous."""
+        return self._engines.run(index, batch, self.max_batch, self._infer)
 
     def run_subnet_device(
         self, index: int, in_ptr: int, out_ptr: int, shape: Sequence[int], stream: int | None = None
     ) -> tuple[int, ...]:
         """Enqueue subnet `index` on device buffers of the runner's GPU: `in_ptr` holds (n, 3, T, T) float32
-        contiguous (T = patch + 2 x overlap of `self.tiling`, n <= max_batch), `out_ptr` receives
+        contiguous (T = patch + 2 x overlap of `self.fixed_tiles`, n <= max_batch), `out_ptr` receives
         (n, 3, T*s, T*s) float32. Asynchronous on `stream` (default: the runner's; never a default stream);
         the caller synchronises. Returns the output shape."""
         stream = self._stream if stream is None else stream_handle(stream)
-        with self._lock:
-            if index not in self._handles:
-                self._handles[index] = self._load(index)
-            handle = self._handles[index]
+        bound = self._engines.get(index)
         self._bind()
-        return handle.enqueue(in_ptr, out_ptr, shape, stream)
+        return bound.enqueue(in_ptr, out_ptr, shape, stream)
 
     def synchronize(self) -> None:
         """Wait for everything enqueued on the runner's stream."""
         cuda_call(self._cudart.cudaStreamSynchronize, self._stream)
 
     def close(self) -> None:
-        if self._stream or self._handles:
+        loaded = self._engines.loaded()
+        if self._stream or loaded:
             self._bind()
-        if self._stream and self._handles:
+        if self._stream and loaded:
             self.synchronize()
-        for index, handle in list(self._handles.items()):
-            handle.close()
+        for index, bound in loaded:
+            bound.close()
             _ENGINES.release(self.manifest.path(self._records[index]["file"]), self._device_index)
-        self._handles.clear()
+        if loaded:
+            self._engines.clear()
         if self._owns_stream and self._stream:
             cuda_call(self._cudart.cudaStreamDestroy, self._stream)
         self._stream, self._owns_stream = 0, False
-        super().close()
