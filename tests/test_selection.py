@@ -5,6 +5,7 @@ packaging that keeps the CPU and GPU builds of ONNX Runtime apart. GPU stacks ar
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import re
 import sys
@@ -170,5 +171,8 @@ def test_cli_device_and_the_choice_line(bundle: Path, tmp_path: Path, capsys, no
 
 def test_readme_states_the_default_backend() -> None:
     text = (ROOT / "README.md").read_text()
-    assert cli._parser().get_default("backend") == "auto"
+    from wbsr_runtime.upscaler import Upscaler
+
+    assert cli._parser().get_default("backend") is None  # not given: the Upscaler's default applies
+    assert inspect.signature(Upscaler).parameters["backend"].default == "auto"
     assert "`auto` (default)" in text and "`ort` (default)" not in text

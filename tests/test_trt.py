@@ -97,8 +97,8 @@ class FakeToolchain:
 
 
 def _build(bundle: Path, **kwargs) -> list[dict]:
-    """What the export CLI does: build, then commit the files and records to the manifest."""
-    result = build.build_engines(bundle, **kwargs)
+    """What `wbsr-export --trt --fp16` does: build, then commit the files and records to the manifest."""
+    result = build.build_engines(bundle, **{"precision": "fp16", **kwargs})
     commit_engines(bundle, result)
     return result.records
 
@@ -131,7 +131,7 @@ def test_builds_are_keyed_recorded_and_validated(bundle):
 def test_second_call_reuses_engines(bundle):
     first = _build(bundle, max_batch=2, toolchain=FakeToolchain())
     tc = FakeToolchain()
-    again = build.build_engines(bundle, max_batch=2, toolchain=tc)
+    again = build.build_engines(bundle, precision="fp16", max_batch=2, toolchain=tc)
     assert again.records == first and again.files == {} and tc.builds == [] and tc.ran == []
 
 
@@ -144,7 +144,7 @@ def test_other_machine_or_settings_build_new_engines(bundle):
         (FakeToolchain(), {"precision": "fp32"}),
     ]:
         kwargs = {"max_batch": 2, **kwargs}
-        records = build.build_engines(bundle, toolchain=tc, **kwargs).records
+        records = build.build_engines(bundle, toolchain=tc, **{"precision": "fp16", **kwargs}).records
         assert len(tc.builds) == 2 and {r["key"] for r in records}.isdisjoint({r["key"] for r in first})
     assert tc.builds == ["subnet_00.onnx", "subnet_01.onnx"]  # fp32 builds from the fp32 graph
 
@@ -161,7 +161,7 @@ def test_altered_or_unrecorded_plan_is_not_loaded(bundle):
     manifest["engines"] = []
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     tc = FakeToolchain()
-    build.build_engines(bundle, max_batch=2, toolchain=tc)
+    build.build_engines(bundle, precision="fp16", max_batch=2, toolchain=tc)
     assert len(tc.builds) == 2
 
 
@@ -189,11 +189,12 @@ def test_compare_outputs_thresholds():
 
 
 def test_fp16_needs_fp16_graphs(bundle):
+    assert build.build_engines.__kwdefaults__["precision"] == "fp32"  # fp16 is asked for, as --fp16 does
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["subnets"][0]["files"]["onnx_fp16"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(build.EngineBuildError, match="--fp16"):
-        build.build_engines(bundle, toolchain=FakeToolchain())
+        build.build_engines(bundle, precision="fp16", toolchain=FakeToolchain())
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wbsr_runtime import defaults
 from wbsr_runtime.engines import TensorRTUnavailable, merge_engine_records
 from wbsr_runtime.fileio import atomic_write_bytes
 from wbsr_runtime.manifest import BundleError, load_manifest, read_manifest_dict, write_manifest
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 def add_engines(
     bundle_dir: str | Path,
     *,
-    precision: str = "fp16",
+    precision: str = defaults.ENGINE_PRECISION,
     max_batch: int | None = None,
     patch: int | None = None,
     overlap: int | None = None,

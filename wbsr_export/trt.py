@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from wbsr_runtime import defaults
 from wbsr_runtime.backends.base import cpu_session
 from wbsr_runtime.engines import (
     EngineSpec,
@@ -121,7 +122,7 @@ class EngineBuild:
 def build_engines(
     bundle_dir: Path,
     *,
-    precision: str = "fp16",
+    precision: str = defaults.ENGINE_PRECISION,
     max_batch: int = 16,
     patch: int | None = None,
     overlap: int | None = None,
