@@ -28,17 +28,15 @@ def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _save(path: Path, **edits: object) -> Path:
     pytest.importorskip("torch")
-    from tests.conftest import tiny_checkpoint_dict
-    from wbsr_train.checkpoint import save_checkpoint
+    from tests.conftest import save_checkpoint_dict, tiny_checkpoint_data
 
-    ckpt = tiny_checkpoint_dict()
+    ckpt = tiny_checkpoint_data().to_dict()
     for key, value in edits.items():
         if value is None:
             ckpt.pop(key)
         else:
             ckpt[key] = value
-    save_checkpoint(path, ckpt)
-    return path
+    return save_checkpoint_dict(path, ckpt)
 
 
 def _tool(tool: str, ckpt: Path, tmp_path: Path) -> int:
@@ -72,9 +70,9 @@ def test_a_checkpoint_without_model_config_is_one_line(tmp_path: Path, capsys, t
 @pytest.mark.parametrize("tool", ["wbsr-export", "wbsr-eval"])
 def test_a_model_config_the_weights_do_not_fit_allocates_nothing(tmp_path: Path, capsys, tool: str) -> None:
     """A config claiming 2^20 channels would need terabytes; it is compared with the weights' shapes first."""
-    from tests.conftest import tiny_checkpoint_dict
+    from tests.conftest import tiny_checkpoint_data
 
-    cfg = tiny_checkpoint_dict()["model_config"]
+    cfg = tiny_checkpoint_data().model_config
     ckpt = _save(tmp_path / "c.pt", model_config={**cfg, "widths": [8, 1 << 20]})
     capsys.readouterr()
     assert _tool(tool, ckpt, tmp_path) == 2
