@@ -44,23 +44,28 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def subnet_graph(scale: int, gain: float, path: Path) -> None:
-    """lr (N, 3, h, w) -> sr = gain * nearest(lr) (N, 3, h*s, w*s)."""
+def subnet_graph(scale: int, gain: float, path: Path, fp16: bool = False) -> None:
+    """lr (N, 3, h, w) -> sr = gain * nearest(lr) (N, 3, h*s, w*s); with `fp16`, computed in float16 between
+    casts (fp32 inputs and outputs, as the export's fp16 graphs)."""
     inits = [
         numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales"),
-        numpy_helper.from_array(np.array(gain, np.float32), "gain"),
+        numpy_helper.from_array(np.array(gain, np.float16 if fp16 else np.float32), "gain"),
     ]
+    x, y = ("x", "y") if fp16 else ("lr", "sr")
     nodes = [
         helper.make_node(
             "Resize",
-            ["lr", "", "scales"],
+            [x, "", "scales"],
             ["up"],
             mode="nearest",
             coordinate_transformation_mode="asymmetric",
             nearest_mode="floor",
         ),
-        helper.make_node("Mul", ["up", "gain"], ["sr"]),
+        helper.make_node("Mul", ["up", "gain"], [y]),
     ]
+    if fp16:
+        nodes = [helper.make_node("Cast", ["lr"], [x], to=TensorProto.FLOAT16), *nodes,
+                 helper.make_node("Cast", [y], ["sr"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(
         nodes,
         "nearest",
@@ -129,14 +134,18 @@ def build_nearest_bundle(
     overlap: int = 2,
     torch: bool = False,
     calibrated: bool = True,
+    fp16: bool = False,
 ) -> Path:
-    """Write the bundle to `out` (created) and return it."""
+    """Write the bundle to `out` (created) and return it; `torch` adds .pt2 programs, `fp16` fp16 graphs."""
     out.mkdir(parents=True, exist_ok=True)
     router_graph(k, out / "router.onnx")
     subnets = []
     for m, gain in enumerate(gains):
         files = {"onnx": f"subnet_{m:02d}.onnx"}
         subnet_graph(scale, gain, out / files["onnx"])
+        if fp16:
+            files["onnx_fp16"] = f"subnet_{m:02d}.fp16.onnx"
+            subnet_graph(scale, gain, out / files["onnx_fp16"], fp16=True)
         if torch:
             files["torch"] = f"subnet_{m:02d}.pt2"
             torch_program(scale, gain, out / files["torch"])

@@ -202,12 +202,18 @@ def parse_manifest(data: Any, root: str | Path) -> Manifest:
         raise BundleError(f"{root / MANIFEST}: malformed manifest ({what}); {REBUILD}") from None
 
 
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and parse `bundle_dir/manifest.json` without looking at the files it lists (the engine build,
+    which checks the files it uses and rebuilds a missing or altered plan)."""
+    root = Path(bundle_dir)
+    return parse_manifest(_read_json(root / MANIFEST, bundle_dir), root)
+
+
 def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
     """Read, parse and validate `bundle_dir/manifest.json`, and check that every file it lists is there, inside
     the folder; with `verify_hashes`, check every file's sha256. Every refusal is a BundleError naming the
     manifest or the file."""
-    root = Path(bundle_dir)
-    manifest = parse_manifest(_read_json(root / MANIFEST, bundle_dir), root)
+    manifest = read_manifest(bundle_dir)
     _check_files(manifest, verify_hashes)
     return manifest
 
