@@ -67,6 +67,24 @@ def test_a_checkpoint_without_model_config_is_one_line(tmp_path: Path, capsys, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", *(["data"] if tool != "wbsr-export" else [])]
 
 
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"specs": [[8, "1"], [16, 2]]}, "invalid specs"),
+        ({"num_classes": 10.0}, "invalid num_classes"),
+        ({"state": {"step": 3}}, "invalid state"),
+        ({"holdout": [1]}, "invalid holdout"),
+        ({"class_patch": True}, "invalid class_patch"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_one_line(tmp_path: Path, capsys, edit: dict, needle: str) -> None:
+    """Checkpoint.from_dict types every field, so no tool meets a KeyError or TypeError later."""
+    ckpt = _save(tmp_path / "c.pt", **edit)
+    capsys.readouterr()
+    assert _tool("wbsr-eval", ckpt, tmp_path) == 2
+    _one_line(capsys, str(ckpt), needle)
+
+
 @pytest.mark.parametrize("tool", ["wbsr-export", "wbsr-eval"])
 def test_a_model_config_the_weights_do_not_fit_allocates_nothing(tmp_path: Path, capsys, tool: str) -> None:
     """A config claiming 2^20 channels would need terabytes; it is compared with the weights' shapes first."""

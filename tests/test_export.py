@@ -160,7 +160,8 @@ def test_uncalibrated_checkpoint_gets_eq15_map() -> None:
 def single_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-subnet checkpoint (width 8, depth 1): the cheapest thing the CLI can export."""
     path = tmp_path_factory.mktemp("single") / "single.pt"
-    save_checkpoint(path, tiny_checkpoint_data(widths=(8,), depths=(1,), calibrated=False))
+    ckpt = tiny_checkpoint_data(widths=(8,), depths=(1,), calibrated=False)
+    save_checkpoint(path, dataclasses.replace(ckpt, class_patch=12))  # as if trained on 12 x 12 patches
     return path
 
 
@@ -181,6 +182,7 @@ def test_cli_exports_and_replaces_with_force(single_checkpoint: Path, tmp_path: 
     first = load_manifest(out).provenance["created"]
     routing = load_manifest(out).routing  # uncalibrated: the Eq. 15 map
     assert routing.mse_table is None and routing.class_to_subnet == (0,) * 10
+    assert load_manifest(out).router.class_patch == 12  # the checkpoint's, not the tiling's 16
     assert main(args) == 2 and "--force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     assert load_manifest(out).provenance["created"] >= first
