@@ -118,13 +118,12 @@ def torch_bundle(scale: int, work: Path) -> tuple[Path, str]:
         from wbsr_export.slice import extract_subnet
         from wbsr_runtime.manifest import hash_files, read_manifest_dict, write_manifest
         from wbsr_train.checkpoint import load_checkpoint, supernet_from_checkpoint
-        from wbsr_train.config import SubnetSpec
 
         copy = Path(shutil.copytree(shipped, work / f"x{scale}", dirs_exist_ok=True))
         ckpt = load_checkpoint(MODELS_DIR / f"x{scale}.pt")
         net = supernet_from_checkpoint(ckpt)
-        for i, (w, d) in enumerate(ckpt["specs"]):
-            export_subnet_program(extract_subnet(net, SubnetSpec(int(w), int(d))), copy / f"subnet_{i:02d}.pt2")
+        for i, spec in enumerate(ckpt.specs):
+            export_subnet_program(extract_subnet(net, spec), copy / f"subnet_{i:02d}.pt2")
         data = read_manifest_dict(copy)
         data["files"] = hash_files(copy)
         write_manifest(copy, data)

@@ -101,10 +101,10 @@ def train_run(cfg, threads: int | None = None) -> dict | None:
     start = 0
     if resume:
         ckpt = load_checkpoint(cfg.out)
-        diff = config_diff(ckpt["train_config"], to_dict(cfg))
+        diff = config_diff(ckpt.train_config or {}, to_dict(cfg))
         if diff:
             raise ValueError(f"{cfg.out} was trained with another config ({'; '.join(diff)}): use another --out")
-        start = (ckpt.get("state") or {}).get("step", 0)
+        start = ckpt.state.step if ckpt.state else 0
         if start == cfg.iters:
             return None
     t0 = time.time()
@@ -132,32 +132,31 @@ def evaluate_run(ckpt_path: str, val_pairs: list, calib_pairs: list | None, a, r
     from wbsr_runtime import routing as rt
     from wbsr_train.calibrate import mse_table
     from wbsr_train.checkpoint import load_checkpoint, supernet_from_checkpoint
-    from wbsr_train.config import SubnetSpec
     from wbsr_train.data import load_pairs_from_files
     from wbsr_train.evaluate import PROTOCOL, RUNTIME, tiled_runs
 
     ckpt = load_checkpoint(ckpt_path)
     net = supernet_from_checkpoint(ckpt)
-    specs, flops, scale = [SubnetSpec(*s) for s in ckpt["specs"]], ckpt["flops"], ckpt["model_config"]["scale"]
-    runs = list(tiled_runs(net, val_pairs, specs, ckpt["thresholds"], PROTOCOL, progress="evaluate"))
+    specs, flops, scale = list(ckpt.specs), list(ckpt.flops), ckpt.model_config["scale"]
+    runs = list(tiled_runs(net, val_pairs, specs, ckpt.thresholds, PROTOCOL, progress="evaluate"))
     assign = {"full": [np.full(run.plan.num_tiles, len(specs) - 1) for run in runs]}
-    result: dict = {"checkpoint": ckpt_path, "specs": ckpt["specs"], "thresholds": ckpt["thresholds"]}
+    result: dict = {"checkpoint": ckpt_path, "specs": [list(s) for s in specs], "thresholds": list(ckpt.thresholds)}
     rules: dict = {}
     if len(specs) > 1:
-        calib_pairs = calib_pairs or load_pairs_from_files(ckpt["holdout"], scale)
+        calib_pairs = calib_pairs or load_pairs_from_files(ckpt.holdout, scale)
         cal = mse_table(net, ckpt, calib_pairs)
         cmap = rt.tolerance_map(cal["mse_table"], cal["class_freq"], np.asarray(flops, float), a.tolerance)
         assign["dynamic"] = [cmap[run.classes - 1] for run in runs]
         result["calibration"] = {"mse_table": cal["mse_table"].tolist(), "class_freq": cal["class_freq"].tolist(),
                                  "tiles": cal["tiles"], "tolerance_db": a.tolerance, "class_to_subnet": cmap.tolist()}
         if routing:
-            calib_runs = list(tiled_runs(net, calib_pairs, specs, ckpt["thresholds"], RUNTIME, progress="arm fit"))
+            calib_runs = list(tiled_runs(net, calib_pairs, specs, ckpt.thresholds, RUNTIME, progress="arm fit"))
             coef = ev.arm_fit(np.concatenate([r.scores for r in calib_runs]), ev.tile_psnr(calib_runs, scale))
             rules = ev.routing_assignments(runs, cal, coef, flops, a.random_draws, seed=0)
             result["arm_fit"] = coef.tolist()
     everything = {**assign, **{n: r["assign"] for n, r in rules.items()}}
     scored = ev.score_assignments(runs, flops, scale, everything, ssim_for=("full", "dynamic"))
-    result["per_class"] = ev.per_class(runs, scale, ckpt["num_classes"])
+    result["per_class"] = ev.per_class(runs, scale, ckpt.num_classes)
     result.update({k: scored[k] for k in assign})
     if rules:
         result["routing"] = ev.routing_curves(rules, scored)

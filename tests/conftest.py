@@ -59,16 +59,18 @@ def real_or_textured_images() -> list[np.ndarray]:
     return list(set5_images()) or textured_images()
 
 
-def tiny_checkpoint_dict(
+def tiny_checkpoint_data(
     arch: str = "srresnet",
     calibrated: bool = True,
     seed: int = 0,
     widths: tuple[int, ...] = (8, 16),
     depths: tuple[int, ...] = (1, 2),
-) -> dict:
-    """A random-weight x4 supernet checkpoint (default widths (8, 16), depths (1, 2)) for save_checkpoint."""
+):
+    """A random-weight x4 supernet `Checkpoint` (default widths (8, 16), depths (1, 2)), thresholds from 32 x 32
+    patches; `.to_dict()` is what `save_checkpoint` writes (edit that to test refusals: `save_checkpoint_dict`)."""
     torch = pytest.importorskip("torch")
     from wbsr_runtime.routing import tolerance_map
+    from wbsr_train.checkpoint import Checkpoint
     from wbsr_train.config import ModelConfig, to_dict
     from wbsr_train.descriptor import patch_scores, thresholds_from_pool
     from wbsr_train.model import build_supernet, count_flops, subnet_specs
@@ -93,18 +95,23 @@ def tiny_checkpoint_dict(
         "budget": None,
         "class_to_subnet": tolerance_map(mse, freq, np.array(flops, float), 0.1).tolist(),
     }
-    return {
-        "model_config": to_dict(cfg),
-        "train_config": None,
-        "model": net.state_dict(),
-        "specs": [list(s) for s in specs],
-        "flops": flops,
-        "num_classes": NUM_CLASSES,
-        "thresholds": thresholds.tolist(),
-        "calibration": calibration if calibrated else None,
-        "state": None,
-        "metrics": {},
-    }
+    return Checkpoint(
+        model_config=to_dict(cfg),
+        model=net.state_dict(),
+        specs=tuple(specs),
+        flops=tuple(flops),
+        num_classes=NUM_CLASSES,
+        thresholds=tuple(thresholds.tolist()),
+        class_patch=32,
+        calibration=calibration if calibrated else None,
+    )
+
+
+def save_checkpoint_dict(path: Path, data: dict) -> Path:
+    """Write `data` as a checkpoint file as it stands (`save_checkpoint` takes only a valid `Checkpoint`)."""
+    torch = pytest.importorskip("torch")
+    torch.save(data, path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +121,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from wbsr_train.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, tiny_checkpoint_dict())
+    save_checkpoint(path, tiny_checkpoint_data())
     return path
 
 

@@ -13,7 +13,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from wbsr_runtime.manifest import hash_files, write_manifest
+from wbsr_runtime.manifest import (
+    SCHEMA_VERSION,
+    Manifest,
+    RouterInfo,
+    Routing,
+    SubnetInfo,
+    Tiling,
+    hash_files,
+    write_manifest,
+)
 
 
 def nearest(x: np.ndarray, s: int) -> np.ndarray:
@@ -35,23 +44,28 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def subnet_graph(scale: int, gain: float, path: Path) -> None:
-    """lr (N, 3, h, w) -> sr = gain * nearest(lr) (N, 3, h*s, w*s)."""
+def subnet_graph(scale: int, gain: float, path: Path, fp16: bool = False) -> None:
+    """lr (N, 3, h, w) -> sr = gain * nearest(lr) (N, 3, h*s, w*s); with `fp16`, computed in float16 between
+    casts (fp32 inputs and outputs, as the export's fp16 graphs)."""
     inits = [
         numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales"),
-        numpy_helper.from_array(np.array(gain, np.float32), "gain"),
+        numpy_helper.from_array(np.array(gain, np.float16 if fp16 else np.float32), "gain"),
     ]
+    x, y = ("x", "y") if fp16 else ("lr", "sr")
     nodes = [
         helper.make_node(
             "Resize",
-            ["lr", "", "scales"],
+            [x, "", "scales"],
             ["up"],
             mode="nearest",
             coordinate_transformation_mode="asymmetric",
             nearest_mode="floor",
         ),
-        helper.make_node("Mul", ["up", "gain"], ["sr"]),
+        helper.make_node("Mul", ["up", "gain"], [y]),
     ]
+    if fp16:
+        nodes = [helper.make_node("Cast", ["lr"], [x], to=TensorProto.FLOAT16), *nodes,
+                 helper.make_node("Cast", [y], ["sr"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(
         nodes,
         "nearest",
@@ -120,61 +134,55 @@ def build_nearest_bundle(
     overlap: int = 2,
     torch: bool = False,
     calibrated: bool = True,
+    fp16: bool = False,
 ) -> Path:
-    """Write the bundle to `out` (created) and return it."""
+    """Write the bundle to `out` (created) and return it; `torch` adds .pt2 programs, `fp16` fp16 graphs."""
     out.mkdir(parents=True, exist_ok=True)
     router_graph(k, out / "router.onnx")
     subnets = []
     for m, gain in enumerate(gains):
         files = {"onnx": f"subnet_{m:02d}.onnx"}
         subnet_graph(scale, gain, out / files["onnx"])
+        if fp16:
+            files["onnx_fp16"] = f"subnet_{m:02d}.fp16.onnx"
+            subnet_graph(scale, gain, out / files["onnx_fp16"], fp16=True)
         if torch:
             files["torch"] = f"subnet_{m:02d}.pt2"
             torch_program(scale, gain, out / files["torch"])
-        subnets.append(
-            {
-                "index": m,
-                "width": 8 * (m + 1),
-                "depth": 1,
-                "flops_per_patch": 1024 * (m + 1) ** 2,
-                "flops_patch": 32,
-                "files": files,
-                "input": "lr",
-                "output": "sr",
-            }
-        )
+        subnets.append(SubnetInfo(index=m, width=8 * (m + 1), depth=1, flops_per_patch=1024 * (m + 1) ** 2,
+                                  flops_patch=32, files=files, input="lr", output="sr"))
     n = len(gains)
     # An MSE table made from PSNRs that rise with cost for every class but the first (flat) one.
     psnr = [[30.0 - 0.5 * c + 0.1 * c * j for j in range(n)] for c in range(k)]
-    table = [[255.0**2 / 10 ** (v / 10) for v in row] for row in psnr] if calibrated else None
-    manifest = {
-        "format": "wbsr-bundle",
-        "schema_version": 2,
-        "name": "nearest",
-        "scale": scale,
-        "model": {},
-        "input": {"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"},
-        "tiling": {"patch": patch, "overlap": overlap},
-        "router": {
-            "file": "router.onnx",
-            "inputs": {"frame": "frame", "boxes": "boxes"},
-            "outputs": {"scores": "scores", "classes": "classes"},
-            "num_classes": k,
-            "thresholds": [c + 0.5 for c in range(k - 1)],
-            "class_patch": 32,
-            "descriptor": "test-stand-in",
-        },
-        "subnets": subnets,
-        "routing": {
-            "mse_table": table,
-            "class_freq": [1.0 / k] * k if calibrated else None,
-            "tolerance_db": None,
-            "budget": None,
-            "class_to_subnet": [min(c, n - 1) for c in range(k)],
-        },
-        "engines": [],
-        "files": hash_files(out),
-        "provenance": {},
-    }
-    write_manifest(out, manifest)
+    table = tuple(tuple(255.0**2 / 10 ** (v / 10) for v in row) for row in psnr) if calibrated else None
+    manifest = Manifest(
+        root=out,
+        schema_version=SCHEMA_VERSION,
+        name="nearest",
+        scale=scale,
+        model={},
+        input={"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"},
+        tiling=Tiling(patch=patch, overlap=overlap),
+        router=RouterInfo(
+            file="router.onnx",
+            inputs={"frame": "frame", "boxes": "boxes"},
+            outputs={"scores": "scores", "classes": "classes"},
+            num_classes=k,
+            thresholds=tuple(c + 0.5 for c in range(k - 1)),
+            class_patch=32,
+            descriptor="test-stand-in",
+        ),
+        subnets=tuple(subnets),
+        routing=Routing(
+            mse_table=table,
+            class_freq=(1.0 / k,) * k if calibrated else None,
+            tolerance_db=None,
+            budget=None,
+            class_to_subnet=tuple(min(c, n - 1) for c in range(k)),
+        ),
+        engines=(),
+        files=hash_files(out),
+        provenance={},
+    )
+    write_manifest(out, manifest.to_dict())
     return out

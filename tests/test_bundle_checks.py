@@ -183,12 +183,12 @@ def test_the_shipped_bundles_pass_the_graph_checks() -> None:
 def test_an_exported_rcan_bundle_passes_and_a_wrong_rcan_depth_is_refused(tmp_path: Path) -> None:
     """The RCAN rule (groups x (2 per block + 1) + 1 square convolutions) on a real RCAN export."""
     pytest.importorskip("torch")
-    from tests.conftest import tiny_checkpoint_dict
+    from tests.conftest import tiny_checkpoint_data
     from wbsr_export.bundle import export_bundle
     from wbsr_runtime.graphs import subnet_graph
     from wbsr_train.checkpoint import save_checkpoint
 
-    save_checkpoint(tmp_path / "r.pt", tiny_checkpoint_dict(arch="rcan", widths=(8, 16), depths=(1, 2)))
+    save_checkpoint(tmp_path / "r.pt", tiny_checkpoint_data(arch="rcan", widths=(8, 16), depths=(1, 2)))
     b = export_bundle(tmp_path / "r.pt", tmp_path / "rcan", patch=16, overlap=2, torch_programs=False)
     with Upscaler(b, backend="ort") as up:
         specs = [(s.width, s.depth) for s in up.manifest.subnets]

@@ -28,17 +28,15 @@ def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _save(path: Path, **edits: object) -> Path:
     pytest.importorskip("torch")
-    from tests.conftest import tiny_checkpoint_dict
-    from wbsr_train.checkpoint import save_checkpoint
+    from tests.conftest import save_checkpoint_dict, tiny_checkpoint_data
 
-    ckpt = tiny_checkpoint_dict()
+    ckpt = tiny_checkpoint_data().to_dict()
     for key, value in edits.items():
         if value is None:
             ckpt.pop(key)
         else:
             ckpt[key] = value
-    save_checkpoint(path, ckpt)
-    return path
+    return save_checkpoint_dict(path, ckpt)
 
 
 def _tool(tool: str, ckpt: Path, tmp_path: Path) -> int:
@@ -69,12 +67,30 @@ def test_a_checkpoint_without_model_config_is_one_line(tmp_path: Path, capsys, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", *(["data"] if tool != "wbsr-export" else [])]
 
 
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"specs": [[8, "1"], [16, 2]]}, "invalid specs"),
+        ({"num_classes": 10.0}, "invalid num_classes"),
+        ({"state": {"step": 3}}, "invalid state"),
+        ({"holdout": [1]}, "invalid holdout"),
+        ({"class_patch": True}, "invalid class_patch"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_one_line(tmp_path: Path, capsys, edit: dict, needle: str) -> None:
+    """Checkpoint.from_dict types every field, so no tool meets a KeyError or TypeError later."""
+    ckpt = _save(tmp_path / "c.pt", **edit)
+    capsys.readouterr()
+    assert _tool("wbsr-eval", ckpt, tmp_path) == 2
+    _one_line(capsys, str(ckpt), needle)
+
+
 @pytest.mark.parametrize("tool", ["wbsr-export", "wbsr-eval"])
 def test_a_model_config_the_weights_do_not_fit_allocates_nothing(tmp_path: Path, capsys, tool: str) -> None:
     """A config claiming 2^20 channels would need terabytes; it is compared with the weights' shapes first."""
-    from tests.conftest import tiny_checkpoint_dict
+    from tests.conftest import tiny_checkpoint_data
 
-    cfg = tiny_checkpoint_dict()["model_config"]
+    cfg = tiny_checkpoint_data().model_config
     ckpt = _save(tmp_path / "c.pt", model_config={**cfg, "widths": [8, 1 << 20]})
     capsys.readouterr()
     assert _tool(tool, ckpt, tmp_path) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from wbsr_train.config import ModelConfig, SubnetSpec  # noqa: E402
 from wbsr_train.descriptor import thresholds_from_pool  # noqa: E402
 from wbsr_train.model import build_supernet  # noqa: E402
 
-from .conftest import real_or_textured_images, tiny_checkpoint_dict  # noqa: E402
+from .conftest import real_or_textured_images, tiny_checkpoint_data  # noqa: E402
 
 
 def real_patches(size: int = 20, count: int = 6) -> np.ndarray:
@@ -128,7 +129,7 @@ def test_router_matches_training_descriptor_on_real_images(tmp_path: Path) -> No
 
 def test_router_in_bundle_uses_checkpoint_thresholds(tiny_checkpoint: Path, tiny_bundle: Path) -> None:
     m = load_manifest(tiny_bundle)
-    assert list(m.router.thresholds) == load_checkpoint(tiny_checkpoint)["thresholds"]
+    assert list(m.router.thresholds) == list(load_checkpoint(tiny_checkpoint).thresholds)
     img = real_or_textured_images()[0][:, :, :64, :80]
     result = router_parity(m.path(m.router.file), img, box_grid(64, 80, 16, 8), m.router.thresholds)
     assert result["score_rel"] <= 1e-4 and result["class_mismatch_no_ties"] == 0.0
@@ -138,9 +139,10 @@ def test_manifest_records_checkpoint(tiny_checkpoint: Path, tiny_bundle: Path) -
     ckpt = load_checkpoint(tiny_checkpoint)
     m = load_manifest(tiny_bundle)
     assert m.scale == 4 and (m.tiling.patch, m.tiling.overlap, m.tiling.max_batch) == (16, 2, 4)
-    assert [[s.width, s.depth] for s in m.subnets] == ckpt["specs"]
-    assert [s.flops_per_patch for s in m.subnets] == ckpt["flops"]
-    assert list(m.routing.class_to_subnet) == ckpt["calibration"]["class_to_subnet"]
+    assert [(s.width, s.depth) for s in m.subnets] == list(ckpt.specs)
+    assert [s.flops_per_patch for s in m.subnets] == list(ckpt.flops)
+    assert {s.flops_patch for s in m.subnets} == {ckpt.flops_patch} == {32} and m.router.class_patch == 32
+    assert list(m.routing.class_to_subnet) == ckpt.calibration["class_to_subnet"]
     assert m.routing.mse_table is not None and len(m.routing.mse_table) == 10 and len(m.routing.class_freq) == 10
     assert m.provenance["checkpoint_sha256"] == file_sha256(tiny_checkpoint)
     assert set(m.files) == {p.name for p in tiny_bundle.iterdir() if p.name != "manifest.json"}
@@ -148,16 +150,18 @@ def test_manifest_records_checkpoint(tiny_checkpoint: Path, tiny_bundle: Path) -
 
 
 def test_uncalibrated_checkpoint_gets_eq15_map() -> None:
-    routing = bundle_mod._routing({"num_classes": 10, "calibration": None}, 4)
-    assert routing["mse_table"] is None and routing["tolerance_db"] is None and routing["budget"] is None
-    assert routing["class_to_subnet"] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    ckpt = dataclasses.replace(tiny_checkpoint_data(), calibration=None)
+    routing = bundle_mod._routing(ckpt, 4)
+    assert routing.mse_table is None and routing.tolerance_db is None and routing.budget is None
+    assert routing.class_to_subnet == (0, 0, 1, 1, 1, 2, 2, 3, 3, 3)
 
 
 @pytest.fixture(scope="module")
 def single_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-subnet checkpoint (width 8, depth 1): the cheapest thing the CLI can export."""
     path = tmp_path_factory.mktemp("single") / "single.pt"
-    save_checkpoint(path, tiny_checkpoint_dict(widths=(8,), depths=(1,), calibrated=False))
+    ckpt = tiny_checkpoint_data(widths=(8,), depths=(1,), calibrated=False)
+    save_checkpoint(path, dataclasses.replace(ckpt, class_patch=12))  # as if trained on 12 x 12 patches
     return path
 
 
@@ -178,6 +182,7 @@ def test_cli_exports_and_replaces_with_force(single_checkpoint: Path, tmp_path: 
     first = load_manifest(out).provenance["created"]
     routing = load_manifest(out).routing  # uncalibrated: the Eq. 15 map
     assert routing.mse_table is None and routing.class_to_subnet == (0,) * 10
+    assert load_manifest(out).router.class_patch == 12  # the checkpoint's, not the tiling's 16
     assert main(args) == 2 and "--force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     assert load_manifest(out).provenance["created"] >= first
@@ -195,9 +200,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     torch.save({"x": 1}, paths["format"])
     with open(paths["evil"], "wb") as f:
         pickle.dump(Evil(), f)
-    save_checkpoint(paths["version"], tiny_checkpoint_dict(widths=(8,), depths=(1,)))
-    raw = torch.load(paths["version"], weights_only=True)
-    torch.save({**raw, "version": 99}, paths["version"])
+    torch.save({**tiny_checkpoint_data(widths=(8,), depths=(1,)).to_dict(), "version": 99}, paths["version"])
     paths["missing"] = tmp_path / "missing.pt"
     return paths
 

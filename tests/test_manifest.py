@@ -12,11 +12,18 @@ import pytest
 from wbsr_runtime.manifest import (
     SCHEMA_VERSION,
     BundleError,
+    Manifest,
+    RouterInfo,
+    Routing,
+    SubnetInfo,
+    Tiling,
     file_sha256,
     hash_files,
     load_manifest,
+    parse_manifest,
     write_manifest,
 )
+from wbsr_runtime.upscaler import MODELS_DIR
 
 
 def make_bundle(root: Path) -> dict:
@@ -24,55 +31,42 @@ def make_bundle(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("router.onnx", "subnet_00.onnx", "subnet_01.onnx"):
         (root / name).write_bytes(name.encode())
-    subnet = {"flops_patch": 32, "input": "lr", "output": "sr"}
-    manifest = {
-        "format": "wbsr-bundle",
-        "schema_version": SCHEMA_VERSION,
-        "name": root.name,
-        "scale": 4,
-        "model": {"arch": "srresnet", "widths": [8], "depths": [1, 2]},
-        "input": {"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"},
-        "tiling": {"patch": 32, "overlap": 4, "max_batch": 8},
-        "router": {
-            "file": "router.onnx",
-            "inputs": {"frame": "frame", "boxes": "boxes"},
-            "outputs": {"scores": "scores", "classes": "classes"},
-            "num_classes": 3,
-            "thresholds": [0.1, 0.2],
-            "class_patch": 32,
-            "descriptor": "sobel-luma-mean-plus-std/v1",
-        },
-        "subnets": [
-            {
-                **subnet,
-                "index": 0,
-                "width": 8,
-                "depth": 1,
-                "flops_per_patch": 100,
-                "files": {"onnx": "subnet_00.onnx"},
-            },
-            {
-                **subnet,
-                "index": 1,
-                "width": 8,
-                "depth": 2,
-                "flops_per_patch": 200,
-                "files": {"onnx": "subnet_01.onnx"},
-            },
-        ],
-        "routing": {
-            "mse_table": [[60, 58], [80, 70], [110, 100]],
-            "class_freq": [0.5, 0.3, 0.2],
-            "tolerance_db": 0.2,
-            "budget": None,
-            "class_to_subnet": [0, 1, 1],
-        },
-        "engines": [],
-        "files": hash_files(root),
-        "provenance": {"checkpoint_sha256": "0" * 64, "package": "0.1.0"},
-    }
-    write_manifest(root, manifest)
-    return manifest
+    subnets = tuple(
+        SubnetInfo(index=i, width=8, depth=i + 1, flops_per_patch=100 * (i + 1), flops_patch=32,
+                   files={"onnx": f"subnet_{i:02d}.onnx"}, input="lr", output="sr")
+        for i in range(2)
+    )
+    manifest = Manifest(
+        root=root,
+        schema_version=SCHEMA_VERSION,
+        name=root.name,
+        scale=4,
+        model={"arch": "srresnet", "widths": [8], "depths": [1, 2]},
+        input={"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"},
+        tiling=Tiling(patch=32, overlap=4, max_batch=8),
+        router=RouterInfo(
+            file="router.onnx",
+            inputs={"frame": "frame", "boxes": "boxes"},
+            outputs={"scores": "scores", "classes": "classes"},
+            num_classes=3,
+            thresholds=(0.1, 0.2),
+            class_patch=32,
+            descriptor="sobel-luma-mean-plus-std/v1",
+        ),
+        subnets=subnets,
+        routing=Routing(
+            mse_table=((60.0, 58.0), (80.0, 70.0), (110.0, 100.0)),
+            class_freq=(0.5, 0.3, 0.2),
+            tolerance_db=0.2,
+            budget=None,
+            class_to_subnet=(0, 1, 1),
+        ),
+        engines=(),
+        files=hash_files(root),
+        provenance={"checkpoint_sha256": "0" * 64, "package": "0.1.0"},
+    )
+    write_manifest(root, manifest.to_dict())
+    return manifest.to_dict()
 
 
 def test_loads_typed_fields(tmp_path: Path) -> None:
@@ -85,6 +79,28 @@ def test_loads_typed_fields(tmp_path: Path) -> None:
     assert m.path(m.subnets[1].files["onnx"]).read_bytes() == b"subnet_01.onnx"
     with pytest.raises(AttributeError):
         m.scale = 2  # frozen
+
+
+def test_the_records_write_back_what_they_read(tmp_path: Path) -> None:
+    """One schema: `to_dict` is the manifest.json layout, for a bundle of ours and for the shipped ones."""
+    written = make_bundle(tmp_path / "b")
+    m = load_manifest(tmp_path / "b")
+    assert m.to_dict() == written and parse_manifest(written, tmp_path / "b") == m
+    assert "max_batch" not in Tiling(patch=8, overlap=2).to_dict()  # optional: absent, as older bundles have it
+    for scale in (2, 4):
+        shipped = MODELS_DIR / f"x{scale}"
+        on_disk = json.loads((shipped / "manifest.json").read_text())
+        assert load_manifest(shipped).to_dict() == on_disk
+
+
+def test_a_dict_parses_without_a_file(tmp_path: Path) -> None:
+    manifest = make_bundle(tmp_path / "b")
+    (tmp_path / "b" / "subnet_01.onnx").unlink()  # files are load_manifest's business, not the parser's
+    assert parse_manifest(manifest, tmp_path / "b").subnets[1].files["onnx"] == "subnet_01.onnx"
+    with pytest.raises(BundleError, match="newer"):
+        parse_manifest({**manifest, "schema_version": SCHEMA_VERSION + 1}, tmp_path / "b")
+    with pytest.raises(BundleError, match="malformed manifest .missing field 'routing'"):
+        parse_manifest({k: v for k, v in manifest.items() if k != "routing"}, tmp_path / "b")
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -323,12 +323,13 @@ def test_code_executing_checkpoint_is_refused(
 
 def test_checkpoints_are_loaded_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
+    from tests.conftest import tiny_checkpoint_data
     from wbsr_train import checkpoint
 
     calls = []
     real = torch.load
     monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    checkpoint.save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.zeros(2)}})
+    checkpoint.save_checkpoint(tmp_path / "c.pt", tiny_checkpoint_data(widths=(8,), depths=(1,)))
     checkpoint.load_checkpoint(tmp_path / "c.pt")
     assert calls and all(kw.get("weights_only") is True for kw in calls)
 

@@ -41,7 +41,22 @@ def test_checkpoint_is_plain_and_complete(trained: Path) -> None:
     assert [tuple(s) for s in ckpt["specs"]][-1] == (32, 8) and ckpt["flops"] == sorted(ckpt["flops"])
     assert ckpt["metrics"]["val_psnr_y_full"] > 10
     assert ckpt["train_config"]["preset"] == "srresnet-compact"
+    assert ckpt["class_patch"] == 12 and ckpt["flops_patch"] == 32  # thresholds at the training patch
     assert len(losses(trained)) == 6
+
+
+def test_checkpoint_record_round_trips_and_reads_older_checkpoints(trained: Path) -> None:
+    from wbsr_train.checkpoint import FLOPS_PATCH, Checkpoint
+
+    raw = torch.load(trained, weights_only=True)
+    ckpt = Checkpoint.from_dict(raw)
+    again = ckpt.to_dict()
+    assert again.keys() == raw.keys() and again["specs"] == raw["specs"] and again["holdout"] == raw["holdout"]
+    assert again["state"]["rng"] == raw["state"]["rng"] and again["thresholds"] == raw["thresholds"]
+    older = Checkpoint.from_dict({k: v for k, v in raw.items() if k not in ("class_patch", "flops_patch")})
+    assert (older.class_patch, older.flops_patch) == (12, FLOPS_PATCH)  # written before the fields existed
+    imported = Checkpoint.from_dict({**older.to_dict(), "class_patch": None, "train_config": None})
+    assert imported.class_patch == FLOPS_PATCH  # no training patch known: the 32 x 32 the FLOPs counter used
 
 
 def test_resume_continues_exactly(tmp_path: Path, trained: Path, monkeypatch) -> None:
@@ -56,10 +71,10 @@ def test_resume_continues_exactly(tmp_path: Path, trained: Path, monkeypatch) ->
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**TINY, out=str(out), val=str(SET5)))
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    assert load_checkpoint(out)["state"]["step"] == 3
+    assert load_checkpoint(out).state.step == 3
     train(TrainConfig(**TINY, out=str(out), val=str(SET5)), resume=True)
     assert losses(out) == losses(trained)  # bit-identical to the uninterrupted run
-    ours, theirs = load_checkpoint(out)["model"], load_checkpoint(trained)["model"]
+    ours, theirs = load_checkpoint(out).model, load_checkpoint(trained).model
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
@@ -69,7 +84,7 @@ def test_init_starts_from_a_checkpoints_weights(tmp_path: Path, trained: Path, c
     train(TrainConfig(**fresh, out=str(tmp_path / "b.pt"), init=str(trained)))
     # One step from the trained weights fits better than one step from scratch, and the run is recorded.
     assert losses(tmp_path / "b.pt")[0][0] < losses(tmp_path / "a.pt")[0][0]
-    assert load_checkpoint(tmp_path / "b.pt")["train_config"]["init"] == str(trained)
+    assert load_checkpoint(tmp_path / "b.pt").train_config["init"] == str(trained)
     other = ["--preset", "srresnet-compact", "--data", TINY["data"][0], "--iters", "1", "--batch", "4",
              "--patch", "12", "--pool", "300", "--out", str(tmp_path / "c.pt")]
     assert cli.train_main([*other, "--scale", "2", "--init", str(trained)]) == 2  # another model
@@ -143,7 +158,7 @@ def test_eval_and_calibrate(tmp_path: Path, trained: Path) -> None:
     ck = tmp_path / "cal.pt"
     code, _ = run_cli(cli.calibrate_main, ["--ckpt", str(trained), "--data", str(SET5), "--out", str(ck)])
     assert code == 0
-    cal = load_checkpoint(ck)["calibration"]
+    cal = load_checkpoint(ck).calibration
     table, freq = np.array(cal["mse_table"]), np.array(cal["class_freq"])
     assert table.shape == (10, 9) and (table > 0).all() and freq.sum() == pytest.approx(1.0)
     assert len(cal["class_to_subnet"]) == 10 and cal["tiles"] > 0 and cal["images"] == 5
@@ -167,15 +182,14 @@ def test_eval_and_calibrate(tmp_path: Path, trained: Path) -> None:
 def test_engine_agrees_with_direct_scoring(trained: Path) -> None:
     """One pass per subnet over tiles gives the same images and errors as scoring each case directly."""
     from wbsr_train.checkpoint import supernet_from_checkpoint
-    from wbsr_train.config import SubnetSpec
     from wbsr_train.data import load_pairs
     from wbsr_train.evaluate import PROTOCOL, RUNTIME, forward_tiles, psnr, rgb_to_y, tiled_runs, to_uint8
 
     ckpt = load_checkpoint(trained)
-    net, specs = supernet_from_checkpoint(ckpt), [SubnetSpec(*s) for s in ckpt["specs"]]
+    net, specs = supernet_from_checkpoint(ckpt), list(ckpt.specs)
     pairs = load_pairs(SET5, 4)[:2]
     for tiling in (PROTOCOL, RUNTIME):
-        for run, (_, lr, hr) in zip(tiled_runs(net, pairs, specs, ckpt["thresholds"], tiling), pairs, strict=True):
+        for run, (_, lr, hr) in zip(tiled_runs(net, pairs, specs, ckpt.thresholds, tiling), pairs, strict=True):
             assert run.outputs.shape[:2] == (len(specs), run.plan.num_tiles)
             errors, pixels = run.squared_errors(4)
             assert pixels.sum() == hr.shape[0] * hr.shape[1] or tiling.blend  # crop mode partitions the frame
@@ -198,11 +212,11 @@ def run_tiles_of(run, lr: np.ndarray) -> np.ndarray:
 def test_holdout_split_is_recorded_and_calibrates_by_default(tmp_path: Path) -> None:
     out = tmp_path / "h.pt"
     train(TrainConfig(**{**TINY, "iters": 2, "val_every": 2}, out=str(out), holdout=0.4))
-    held = load_checkpoint(out)["holdout"]
+    held = load_checkpoint(out).holdout
     assert sorted(Path(p).name for p in held) == ["baby.png", "butterfly.png"]  # the fixed hash split
     code, err = run_cli(cli.calibrate_main, ["--ckpt", str(out)])
     assert code == 0, err
-    assert load_checkpoint(out)["calibration"]["images"] == 2
+    assert load_checkpoint(out).calibration["images"] == 2
     code, err = run_cli(cli.calibrate_main, ["--ckpt", str(tmp_path / "none.pt")])
     assert code == 2
     plain = tmp_path / "p.pt"
@@ -240,7 +254,7 @@ def test_bf16_distilled_run_trains(tmp_path: Path) -> None:
     metrics = train(TrainConfig(**{**TINY, "iters": 3, "val_every": 3, "preset": "lrnet"}, out=str(out), val=str(SET5),
                                 precision="bf16", distill=1.0))
     assert metrics["val_psnr_y_full"] > 10 and all(np.isfinite(v) for pair in losses(out) for v in pair)
-    assert load_checkpoint(out)["train_config"]["precision"] == "bf16"
+    assert load_checkpoint(out).train_config["precision"] == "bf16"
 
 
 def test_eval_bad_input(tmp_path: Path, trained: Path) -> None:
@@ -260,20 +274,20 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]  # the ranks' own messages come before torchrun's summary
     ckpt = load_checkpoint(out)
-    assert ckpt["state"]["step"] == 2 and len(ckpt["state"]["rng"]) == 2  # both ranks' streams saved
-    assert ckpt["state"]["rng"][0] != ckpt["state"]["rng"][1]  # each rank draws its own batches
+    assert ckpt.state.step == 2 and len(ckpt.state.rng) == 2  # both ranks' streams saved
+    assert ckpt.state.rng[0] != ckpt.state.rng[1]  # each rank draws its own batches
 
 
 def test_plain_trains_the_full_network_alone(tmp_path: Path) -> None:
     out = tmp_path / "plain.pt"
     train(TrainConfig(**{**TINY, "iters": 2, "val_every": 2}, out=str(out), plain=True, loss="l1", sampler="uniform"))
     ckpt = load_checkpoint(out)
-    assert ckpt["specs"] == [[32, 8]] and ckpt["model_config"]["widths"] == [32]
+    assert ckpt.specs == ((32, 8),) and ckpt.model_config["widths"] == [32]
     assert all(routed == 0 for _, routed in losses(out))  # no second pass through the same network
     from wbsr_train.config import preset
     from wbsr_train.model import build_supernet
 
-    build_supernet(preset("srresnet-compact", 4)).load_state_dict(ckpt["model"])  # same names and shapes
+    build_supernet(preset("srresnet-compact", 4)).load_state_dict(ckpt.model)  # same names and shapes
 
 
 def test_config_diff_takes_defaults_for_fields_added_later() -> None:

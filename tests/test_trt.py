@@ -21,53 +21,16 @@ from wbsr_export import trt as build
 from wbsr_export.attach import commit_engines
 from wbsr_runtime.backends.base import BackendError
 from wbsr_runtime.engines import EngineMismatch, TensorRTUnavailable
-from wbsr_runtime.manifest import SCHEMA_VERSION
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # noqa: E402
+from tests.nearest_bundle import build_nearest_bundle  # noqa: E402
 
 SCALE = 2
 
 
-def _upscale_graph(fp16: bool) -> onnx.ModelProto:
-    """Nearest x2 upscaling (N, 3, h, w) -> (N, 3, 2h, 2w); the fp16 variant casts at the boundary."""
-    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, SCALE, SCALE])
-    nodes, src, dst = [], "lr", "sr"
-    if fp16:
-        nodes.append(helper.make_node("Cast", ["lr"], ["lr16"], to=TensorProto.FLOAT16))
-        src, dst = "lr16", "sr16"
-    nodes.append(helper.make_node("Resize", [src, "", "scales"], [dst], mode="nearest"))
-    if fp16:
-        nodes.append(helper.make_node("Cast", ["sr16"], ["sr"], to=TensorProto.FLOAT))
-    graph = helper.make_graph(
-        nodes,
-        "up",
-        [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["n", 3, "h", "w"])],
-        [helper.make_tensor_value_info("sr", TensorProto.FLOAT, ["n", 3, "H", "W"])],
-        initializer=[scales],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def _write_bundle(root: Path, num_subnets: int = 2) -> Path:
-    root.mkdir()
-    subnets = []
-    for i in range(num_subnets):
-        files = {"onnx": f"subnet_{i:02d}.onnx", "onnx_fp16": f"subnet_{i:02d}.fp16.onnx"}
-        onnx.save(_upscale_graph(False), root / files["onnx"])
-        onnx.save(_upscale_graph(True), root / files["onnx_fp16"])
-        subnets.append({"index": i, "files": files, "input": "lr", "output": "sr"})
-    manifest = {
-        "format": "wbsr-bundle",
-        "schema_version": SCHEMA_VERSION,
-        "scale": SCALE,
-        "subnets": subnets,
-        "tiling": {"patch": 6, "overlap": 1},
-        "engines": [],
-        "files": {},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    """Nearest x2 subnets (fp32 and fp16 graphs), tiles of 6 + 2 x 1."""
+    return build_nearest_bundle(root, scale=SCALE, gains=(1.0,) * num_subnets, patch=6, overlap=1, fp16=True)
 
 
 @pytest.fixture

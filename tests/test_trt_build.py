@@ -95,7 +95,19 @@ def test_a_finished_build_updates_engines_cache_and_manifest_together(built) -> 
     assert len(caches) == 1 and caches != old_caches and not (root / old_caches[0]).exists()
     assert sorted(p.name for p in (root / "trt").glob("timing.*")) == [Path(caches[0]).name]
     assert {r["profile"]["max"][0] for r in manifest["engines"]} == {4}  # replaced, same machine
-    load_manifest(root)
+    assert load_manifest(root).to_dict() == manifest  # written from the typed records
+
+
+def test_attaching_changes_only_engines_and_files(tmp_path: Path) -> None:
+    root = build_nearest_bundle(tmp_path / "b", scale=2, patch=8, overlap=2)
+    before = json.loads((root / "manifest.json").read_text())
+    cudart = FakeCudart()
+    add_standin_engines(root, StandinTensorRT(cudart), cudart, max_batch=2)
+    after = json.loads((root / "manifest.json").read_text())
+    assert {k: v for k, v in after.items() if k not in ("engines", "files")} == {
+        k: v for k, v in before.items() if k not in ("engines", "files")
+    }
+    assert len(after["engines"]) == 3 and before["files"].items() <= after["files"].items()
 
 
 def test_tensorrt_giving_no_timing_cache(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ device that has only the bundle, TensorRT and cuda-python (a Jetson)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from wbsr_runtime import defaults
 from wbsr_runtime.engines import TensorRTUnavailable, merge_engine_records
 from wbsr_runtime.fileio import atomic_write_bytes
-from wbsr_runtime.manifest import BundleError, load_manifest, read_manifest_dict, write_manifest
+from wbsr_runtime.manifest import BundleError, load_manifest, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     from .trt import EngineBuild, Toolchain
@@ -83,7 +84,7 @@ def commit_engines(bundle_dir: str | Path, build: EngineBuild) -> None:
     removed again on any error or interrupt, so the bundle stays loadable and unchanged. After it, the
     superseded timing cache is deleted."""
     root = Path(bundle_dir)
-    data = read_manifest_dict(root)
+    manifest = read_manifest(root)
     written: list[Path] = []
     try:
         for rel, blob in build.files.items():
@@ -91,11 +92,10 @@ def commit_engines(bundle_dir: str | Path, build: EngineBuild) -> None:
             if not path.exists():
                 written.append(path)
             atomic_write_bytes(path, blob)
-        files = {k: v for k, v in (data.get("files") or {}).items() if k not in build.replaced}
+        files = {k: v for k, v in manifest.files.items() if k not in build.replaced}
         files |= {rel: hashlib.sha256(blob).hexdigest() for rel, blob in build.files.items()}
-        data["engines"] = merge_engine_records(data.get("engines", []), build.records)
-        data["files"] = files
-        write_manifest(root, data)
+        engines = tuple(merge_engine_records(manifest.engines, build.records))
+        write_manifest(root, dataclasses.replace(manifest, engines=engines, files=files).to_dict())
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,10 +21,19 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from wbsr_runtime.manifest import FORMAT, SCHEMA_VERSION, file_sha256, hash_files, write_manifest
+from wbsr_runtime.manifest import (
+    SCHEMA_VERSION,
+    Manifest,
+    RouterInfo,
+    Routing,
+    SubnetInfo,
+    Tiling,
+    file_sha256,
+    hash_files,
+    write_manifest,
+)
 from wbsr_runtime.routing import eq15_map
-from wbsr_train.checkpoint import CheckpointError, load_checkpoint, require_model, supernet_from_checkpoint
-from wbsr_train.config import SubnetSpec
+from wbsr_train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, supernet_from_checkpoint
 
 from .errors import ExportError, ParityError
 from .onnx import (
@@ -42,7 +52,7 @@ log = logging.getLogger(__name__)
 
 FP32_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs PyTorch, images in [0, 1]
 ROUTER_TOLERANCE = 1e-4  # relative score error
-CLASS_PATCH = 32  # LR patch size of the descriptor thresholds and of the FLOPs figures (checkpoint layout)
+INPUT = {"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"}  # what every subnet graph takes
 
 
 def export_bundle(
@@ -68,18 +78,29 @@ def export_bundle(
             f"need patch >= 3, overlap >= 0, max batch >= 1 (got {patch}, {overlap}, {max_batch})"
         )
     ckpt = load_checkpoint(ckpt_path)
-    require_model(ckpt, ckpt_path)
     _check_destination(out, force)
     net = supernet_from_checkpoint(ckpt, ckpt_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
-        manifest = _write_contents(tmp, net, ckpt, fp16=fp16, torch_programs=torch_programs, patch=patch)
-        manifest.update(name=out.name, tiling={"patch": patch, "overlap": overlap, "max_batch": max_batch})
-        manifest["provenance"]["checkpoint_sha256"] = file_sha256(ckpt_path)
-        manifest["files"] = hash_files(tmp)
-        write_manifest(tmp, manifest)
+        contents = _write_contents(tmp, net, ckpt, fp16=fp16, torch_programs=torch_programs, patch=patch)
+        manifest = Manifest(
+            root=tmp,
+            schema_version=SCHEMA_VERSION,
+            name=out.name,
+            scale=int(net.cfg.scale),
+            model=dict(ckpt.model_config),
+            input=INPUT,
+            tiling=Tiling(patch=patch, overlap=overlap, max_batch=max_batch),
+            router=_router_entry(ckpt),
+            subnets=contents.subnets,
+            routing=_routing(ckpt, len(ckpt.specs)),
+            engines=(),
+            files=hash_files(tmp),
+            provenance=_provenance(ckpt, contents.parity, file_sha256(ckpt_path)),
+        )
+        write_manifest(tmp, manifest.to_dict())
         _publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,14 +128,19 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class _Contents:
+    subnets: tuple[SubnetInfo, ...]
+    parity: dict[str, Any]  # what the export measured (provenance.parity)
+
+
 def _write_contents(
-    folder: Path, net: torch.nn.Module, ckpt: dict[str, Any], *, fp16: bool, torch_programs: bool, patch: int
-) -> dict[str, Any]:
-    """Write every graph into `folder`, check parity; the manifest dict without name, tiling and files."""
-    specs = [SubnetSpec(int(w), int(d)) for w, d in ckpt["specs"]]
+    folder: Path, net: torch.nn.Module, ckpt: Checkpoint, *, fp16: bool, torch_programs: bool, patch: int
+) -> _Contents:
+    """Write every graph into `folder` and check their parity; their manifest entries and the parity."""
     inputs = parity_inputs(seed=0, patch=max(patch, 8))
     subnets, parity = [], {"fp32_max_abs": [], "fp16_rel": [], "fp16_max_abs": []}
-    for i, spec in enumerate(tqdm(specs, desc="export subnets", unit="subnet", disable=None)):
+    for i, spec in enumerate(tqdm(ckpt.specs, desc="export subnets", unit="subnet", disable=None)):
         sub = extract_subnet(net, spec)
         files = {"onnx": f"subnet_{i:02d}.onnx"}
         fp32 = subnet_parity(sub, export_subnet_onnx(sub, folder / files["onnx"]), inputs)
@@ -133,30 +159,19 @@ def _write_contents(
         if torch_programs:
             files["torch"] = export_subnet_program(sub, folder / f"subnet_{i:02d}.pt2").name
         subnets.append(
-            {
-                "index": i,
-                "width": spec.width,
-                "depth": spec.depth,
-                "flops_per_patch": int(ckpt["flops"][i]),
-                "flops_patch": CLASS_PATCH,
-                "files": files,
-                "input": SUBNET_INPUT,
-                "output": SUBNET_OUTPUT,
-            }
+            SubnetInfo(
+                index=i,
+                width=spec.width,
+                depth=spec.depth,
+                flops_per_patch=ckpt.flops[i],
+                flops_patch=ckpt.flops_patch,
+                files=files,
+                input=SUBNET_INPUT,
+                output=SUBNET_OUTPUT,
+            )
         )
-    parity["router"] = _export_router(folder / "router.onnx", ckpt["thresholds"], inputs[2])
-    return {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "scale": int(net.cfg.scale),
-        "model": dict(ckpt["model_config"]),
-        "input": {"layout": "NCHW", "dtype": "float32", "range": [0, 1], "color": "RGB"},
-        "router": _router_entry(ckpt),
-        "subnets": subnets,
-        "routing": _routing(ckpt, len(specs)),
-        "engines": [],
-        "provenance": _provenance(ckpt, parity),
-    }
+    parity["router"] = _export_router(folder / "router.onnx", list(ckpt.thresholds), inputs[2])
+    return _Contents(tuple(subnets), parity)
 
 
 def _export_router(path: Path, thresholds: list[float], texture: np.ndarray) -> dict[str, float]:
@@ -169,38 +184,38 @@ def _export_router(path: Path, thresholds: list[float], texture: np.ndarray) -> 
     return result
 
 
-def _router_entry(ckpt: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "file": "router.onnx",
-        "inputs": dict(zip(ROUTER_INPUTS, ROUTER_INPUTS, strict=True)),
-        "outputs": dict(zip(ROUTER_OUTPUTS, ROUTER_OUTPUTS, strict=True)),
-        "num_classes": int(ckpt["num_classes"]),
-        "thresholds": [float(t) for t in ckpt["thresholds"]],
-        "class_patch": CLASS_PATCH,
-        "descriptor": "sobel-luma-mean-plus-std/v1",
-    }
+def _router_entry(ckpt: Checkpoint) -> RouterInfo:
+    return RouterInfo(
+        file="router.onnx",
+        inputs=dict(zip(ROUTER_INPUTS, ROUTER_INPUTS, strict=True)),
+        outputs=dict(zip(ROUTER_OUTPUTS, ROUTER_OUTPUTS, strict=True)),
+        num_classes=ckpt.num_classes,
+        thresholds=ckpt.thresholds,
+        class_patch=ckpt.class_patch,
+        descriptor="sobel-luma-mean-plus-std/v1",
+    )
 
 
-def _routing(ckpt: dict[str, Any], num_subnets: int) -> dict[str, Any]:
+def _routing(ckpt: Checkpoint, num_subnets: int) -> Routing:
     """The calibration table, class frequencies and default map when the checkpoint has them, else the
     paper's Eq. 15 map."""
-    cal = ckpt.get("calibration")
+    cal = ckpt.calibration
     if cal and "mse_table" not in cal:
         raise CheckpointError("the checkpoint's calibration predates MSE tables: run wbsr-calibrate on it again")
     if cal:
-        return {
-            "mse_table": [[float(v) for v in row] for row in cal["mse_table"]],
-            "class_freq": [float(v) for v in cal["class_freq"]],
-            "tolerance_db": None if cal.get("tolerance_db") is None else float(cal["tolerance_db"]),
-            "budget": None if cal.get("budget") is None else float(cal["budget"]),
-            "class_to_subnet": [int(m) for m in cal["class_to_subnet"]],
-        }
-    class_map = eq15_map(int(ckpt["num_classes"]), num_subnets)
-    return {"mse_table": None, "class_freq": None, "tolerance_db": None, "budget": None,
-            "class_to_subnet": [int(m) for m in class_map]}
+        return Routing(
+            mse_table=tuple(tuple(float(v) for v in row) for row in cal["mse_table"]),
+            class_freq=tuple(float(v) for v in cal["class_freq"]),
+            tolerance_db=None if cal.get("tolerance_db") is None else float(cal["tolerance_db"]),
+            budget=None if cal.get("budget") is None else float(cal["budget"]),
+            class_to_subnet=tuple(int(m) for m in cal["class_to_subnet"]),
+        )
+    class_map = eq15_map(ckpt.num_classes, num_subnets)
+    return Routing(mse_table=None, class_freq=None, tolerance_db=None, budget=None,
+                   class_to_subnet=tuple(int(m) for m in class_map))
 
 
-def _provenance(ckpt: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
+def _provenance(ckpt: Checkpoint, parity: dict[str, Any], checkpoint_sha256: str) -> dict[str, Any]:
     try:
         package = metadata.version("wbsr-deploy")
     except metadata.PackageNotFoundError:
@@ -208,13 +223,13 @@ def _provenance(ckpt: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime
 
     return {
-        "checkpoint_sha256": None,
+        "checkpoint_sha256": checkpoint_sha256,
         "package": package,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "train_config": ckpt.get("train_config"),
+        "train_config": ckpt.train_config,
         "onnx_exporter": "torch.onnx.export(dynamo=False)",
         "parity": parity,
     }

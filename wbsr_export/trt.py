@@ -1,7 +1,8 @@
 """TensorRT engines for a bundle: `wbsr-export --bundle DIR --trt` (and `--ckpt ... --trt`).
 
 Built on the device that will run them (a Jetson has the bundle, TensorRT and cuda-python; no torch, no
-checkpoint): this module reads `manifest.json` as plain JSON and imports neither torch nor the training code.
+checkpoint): this module reads `manifest.json` with the runtime's typed reader and imports neither torch nor
+the training code.
 
 Per subnet: a strongly typed network from the fp16 ONNX graph (precision "fp16"; fp16 inside, fp32 I/O, the
 only way to get fp16 that also works on TensorRT 11, where `BuilderFlag.FP16` is gone) or the fp32 graph,
@@ -42,8 +43,8 @@ from wbsr_runtime.engines import (
     normalize_compute_capability,
     profile_shapes,
 )
+from wbsr_runtime.manifest import Manifest, SubnetInfo, read_manifest
 from wbsr_runtime.manifest import file_sha256 as sha256_file
-from wbsr_runtime.manifest import read_manifest_dict
 
 from .compare import compare
 
@@ -144,9 +145,8 @@ def build_engines(
     toolchain = toolchain if toolchain is not None else TensorRTToolchain()
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    tiling = manifest.get("tiling", {})
-    patch = int(tiling["patch"] if patch is None else patch)
-    overlap = int(tiling["overlap"] if overlap is None else overlap)
+    patch = int(manifest.tiling.patch if patch is None else patch)
+    overlap = int(manifest.tiling.overlap if overlap is None else overlap)
     settings = BuildSettings(
         precision,
         profile_shapes(patch, overlap, max_batch),
@@ -158,7 +158,7 @@ def build_engines(
     cache = TimingCache(bundle_dir, manifest, machine_tag(toolchain))
     log.info("router: no TensorRT engine (int64/float64 graph); it runs on ONNX Runtime CPU")
     build = EngineBuild([])
-    for subnet in tqdm(manifest["subnets"], desc="TensorRT engines", unit="engine", disable=None):
+    for subnet in tqdm(manifest.subnets, desc="TensorRT engines", unit="engine", disable=None):
         record, plan = engine_for_subnet(bundle_dir, manifest, subnet, toolchain, cache, settings)
         build.records.append(record)
         if plan is not None:
@@ -169,15 +169,15 @@ def build_engines(
 
 def engine_for_subnet(
     bundle_dir: Path,
-    manifest: dict[str, Any],
-    subnet: dict[str, Any],
+    manifest: Manifest,
+    subnet: SubnetInfo,
     toolchain: Toolchain,
     cache: TimingCache,
     settings: BuildSettings,
 ) -> tuple[dict[str, Any], bytes | None]:
     """This subnet's (engine record, new plan bytes): (reused record, None) when one with the same key is
     intact, else built and validated (nothing is written)."""
-    index = int(subnet["index"])
+    index = subnet.index
     onnx_rel = onnx_for(subnet, settings.precision)
     spec = EngineSpec(
         sha256_file(bundle_dir / onnx_rel),
@@ -194,7 +194,7 @@ def engine_for_subnet(
         log.info("subnet %d: reusing %s", index, reused["file"])
         return reused, None
     log.info("subnet %d: building %s engine from %s (minutes)", index, settings.precision, onnx_rel)
-    input_name, output_name = subnet.get("input", "lr"), subnet.get("output", "sr")
+    input_name, output_name = subnet.input, subnet.output
     plan, updated = toolchain.build(
         bundle_dir / onnx_rel,
         input_name=input_name,
@@ -206,7 +206,7 @@ def engine_for_subnet(
     )
     cache.update(updated)
     diff = validate_plan(
-        bundle_dir / subnet["files"]["onnx"], plan, toolchain, input_name, output_name, settings
+        bundle_dir / subnet.files["onnx"], plan, toolchain, input_name, output_name, settings
     )
     file = engine_file(index, spec.key)
     log.info("subnet %d: %s accepted, max |TensorRT - ORT| = %.2e", index, file, diff)
@@ -234,28 +234,25 @@ def make_record(
     }
 
 
-def reusable_record(
-    bundle_dir: Path, manifest: dict[str, Any], index: int, key: str
-) -> dict[str, Any] | None:
+def reusable_record(bundle_dir: Path, manifest: Manifest, index: int, key: str) -> dict[str, Any] | None:
     """An existing record for `index` with this exact key whose plan file is present and, when the manifest
     lists its hash, intact. A file without such a record (a stale or foreign plan) is never trusted."""
-    for record in manifest.get("engines") or []:
+    for record in manifest.engines:
         if record.get("key") != key or str(record.get("target")) != str(index):
             continue
         path = bundle_dir / record.get("file", "")
-        expected = (manifest.get("files") or {}).get(record.get("file"))
+        expected = manifest.files.get(record.get("file"))
         if path.is_file() and (expected is None or sha256_file(path) == expected):
             return dict(record)
         log.warning("subnet %d: %s is missing or altered; rebuilding", index, record.get("file"))
     return None
 
 
-def onnx_for(subnet: dict[str, Any], precision: str) -> str:
-    files = subnet.get("files", {})
-    rel = files.get("onnx_fp16") if precision == "fp16" else files.get("onnx")
+def onnx_for(subnet: SubnetInfo, precision: str) -> str:
+    rel = subnet.files.get("onnx_fp16" if precision == "fp16" else "onnx")
     if not rel:
         raise EngineBuildError(
-            f"subnet {subnet.get('index')} has no {precision} ONNX graph in the bundle; "
+            f"subnet {subnet.index} has no {precision} ONNX graph in the bundle; "
             + (
                 "re-export with --fp16, or build fp32 engines"
                 if precision == "fp16"
@@ -316,14 +313,6 @@ def validate_plan(
 
 
 # --- files --------------------------------------------------------------------------------------------------
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    """The raw manifest dict (format and schema checked); plain JSON, so no torch and no checkpoint."""
-    manifest = read_manifest_dict(bundle_dir)
-    if not manifest.get("subnets"):
-        raise EngineBuildError(f"{bundle_dir}: the bundle lists no subnets")
-    return manifest
-
-
 def machine_tag(toolchain: Toolchain) -> str:
     """Timing caches are specific to TensorRT version and GPU: one file per machine kind."""
     cc = normalize_compute_capability(toolchain.compute_capability)
@@ -336,10 +325,10 @@ class TimingCache:
     ones). Its file is named by its content, `trt/timing.<machine>.<sha12>.cache`, so an update is a new file
     that only the manifest's next commit makes current: the cache and the manifest change together."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], tag: str) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, tag: str) -> None:
         self.prefix = f"trt/timing.{tag}."
         self.file = next(
-            (r for r in sorted(manifest.get("files") or {}) if r.startswith(self.prefix) and r.endswith(".cache")),
+            (r for r in sorted(manifest.files) if r.startswith(self.prefix) and r.endswith(".cache")),
             None,
         )
         self.data = (bundle_dir / self.file).read_bytes() if self.file and (bundle_dir / self.file).is_file() else b""

@@ -2,7 +2,8 @@
 
 The manifest is the runtime's only input: `load_manifest` turns it into frozen, typed records and refuses,
 with one line saying what is wrong and how to fix it, anything it cannot trust (newer schema, missing file,
-changed file, malformed field).
+changed file, malformed field). These records are the only schema: the export builds a `Manifest` and writes
+its `to_dict()`, and a tool holding the dict (read from a file or built) parses it with `parse_manifest`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,37 @@ class BundleError(ValueError):
     """A bundle the runtime cannot use; the message is one line: what is wrong and how to fix it."""
 
 
+def _json(value: Any) -> Any:
+    """`value` as JSON types: records and mappings as dicts, tuples as lists."""
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_json(v) for v in value]
+    return value
+
+
+class _Record:
+    """A manifest record that writes itself out as its section of manifest.json (docs/bundle.md)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _json(getattr(self, f.name)) for f in fields(self)}
+
+
 @dataclass(frozen=True)
-class Tiling:
+class Tiling(_Record):
     patch: int  # default LR core patch size
     overlap: int  # LR context added on each side
     max_batch: int | None = None  # batch upper bound the export was asked for (engine profiles)
 
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return d if self.max_batch is not None else {k: v for k, v in d.items() if k != "max_batch"}
+
 
 @dataclass(frozen=True)
-class RouterInfo:
+class RouterInfo(_Record):
     file: str
     inputs: Mapping[str, str]  # {"frame": name, "boxes": name}
     outputs: Mapping[str, str]  # {"scores": name, "classes": name}
@@ -49,7 +72,7 @@ class RouterInfo:
 
 
 @dataclass(frozen=True)
-class SubnetInfo:
+class SubnetInfo(_Record):
     index: int  # position, cheapest first
     width: int
     depth: int
@@ -61,7 +84,7 @@ class SubnetInfo:
 
 
 @dataclass(frozen=True)
-class Routing:
+class Routing(_Record):
     mse_table: tuple[tuple[float, ...], ...] | None  # K x M Y-channel MSE ([0, 255] scale); None: uncalibrated
     class_freq: tuple[float, ...] | None  # K pixel shares of the classes on the calibration split
     tolerance_db: float | None  # the knob the default map was chosen with (at most one of the two is set)
@@ -70,8 +93,8 @@ class Routing:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    root: Path
+class Manifest(_Record):
+    root: Path  # the bundle folder (not written: a bundle can be moved)
     schema_version: int
     name: str
     scale: int
@@ -88,6 +111,11 @@ class Manifest:
     def path(self, rel: str) -> Path:
         """Absolute path of a file named in the manifest."""
         return self.root / rel
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest.json object (what `parse_manifest` reads back)."""
+        body = {k: v for k, v in super().to_dict().items() if k != "root"}
+        return {"format": FORMAT, **body}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -109,16 +137,17 @@ def hash_files(bundle_dir: str | Path) -> dict[str, str]:
 
 
 def write_manifest(bundle_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
-    """Write `manifest.json` atomically (temp file in the same folder, then rename)."""
+    """Write `manifest.json` atomically (temp file in the same folder, then rename); `manifest` is a
+    `Manifest.to_dict()` (tests also write hand-edited dicts to check the reader's refusals)."""
     path = Path(bundle_dir) / MANIFEST
     with atomic_file(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
     return path
 
-def read_manifest_dict(bundle_dir: str | Path) -> dict[str, Any]:
-    """The raw manifest as a dict, after the size, format and schema-version checks."""
-    path = Path(bundle_dir) / MANIFEST
+
+def _read_json(path: Path, bundle_dir: str | Path) -> Any:
+    """The JSON value of `path`, read at most MAX_MANIFEST_BYTES far."""
     if not path.is_file():
         raise BundleError(f"{bundle_dir}: not a WBSR bundle (no {MANIFEST}); export one with wbsr-export")
     try:
@@ -126,11 +155,15 @@ def read_manifest_dict(bundle_dir: str | Path) -> dict[str, Any]:
             raw = f.read(MAX_MANIFEST_BYTES + 1)  # never more, whatever the file's size
         if len(raw) > MAX_MANIFEST_BYTES:
             raise BundleError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB, refused; {REBUILD}")
-        data = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except BundleError:
         raise
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a 5000-digit number
         raise BundleError(f"{path}: unreadable manifest ({type(e).__name__}); {REBUILD}") from None
+
+
+def _check_header(data: Any, path: Path) -> None:
+    """BundleError unless `data` is a manifest object of this format and schema version."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path}: not a WBSR bundle manifest (no '{FORMAT}' format tag); {REBUILD}")
     version = data.get("schema_version")
@@ -146,19 +179,41 @@ def read_manifest_dict(bundle_dir: str | Path) -> dict[str, Any]:
             f"{path}: bundle schema version {version} is newer than supported ({SCHEMA_VERSION}); "
             f"upgrade wbsr-deploy, or {REBUILD} using this version"
         )
+
+
+def read_manifest_dict(bundle_dir: str | Path) -> dict[str, Any]:
+    """The raw manifest as a dict, after the size, format and schema-version checks (for tools and tests that
+    edit a manifest by hand; everything else reads it with `load_manifest`)."""
+    path = Path(bundle_dir) / MANIFEST
+    data = _read_json(path, bundle_dir)
+    _check_header(data, path)
     return data
 
 
-def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
-    """Read and validate `bundle_dir/manifest.json` (types, ranges, consistency); with `verify_hashes`, check
-    every file's sha256. Every refusal is a BundleError naming the manifest or the file."""
-    root = Path(bundle_dir)
-    data = read_manifest_dict(root)
+def parse_manifest(data: Any, root: str | Path) -> Manifest:
+    """The typed, validated records of a manifest dict (types, ranges, consistency) for the bundle folder
+    `root`; its files are not looked at (`load_manifest` does that). Every refusal is a BundleError."""
+    root = Path(root)
+    _check_header(data, root / MANIFEST)
     try:
-        manifest = _parse(root, data)
+        return _parse(root, data)
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0]
         raise BundleError(f"{root / MANIFEST}: malformed manifest ({what}); {REBUILD}") from None
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and parse `bundle_dir/manifest.json` without looking at the files it lists (the engine build,
+    which checks the files it uses and rebuilds a missing or altered plan)."""
+    root = Path(bundle_dir)
+    return parse_manifest(_read_json(root / MANIFEST, bundle_dir), root)
+
+
+def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> Manifest:
+    """Read, parse and validate `bundle_dir/manifest.json`, and check that every file it lists is there, inside
+    the folder; with `verify_hashes`, check every file's sha256. Every refusal is a BundleError naming the
+    manifest or the file."""
+    manifest = read_manifest(bundle_dir)
     _check_files(manifest, verify_hashes)
     return manifest
 

@@ -16,23 +16,22 @@ from torch import nn
 
 from wbsr_runtime import routing
 
-from .config import SubnetSpec
+from .checkpoint import Checkpoint
 from .evaluate import RUNTIME, Tiling, tiled_runs
 
 DEFAULT_TOLERANCE_DB = 0.05  # predicted image PSNR loss against the full subnet (README: the trade-off curve)
 
 
 @torch.no_grad()
-def mse_table(net: nn.Module, ckpt: dict, pairs: list, tiling: Tiling = RUNTIME) -> dict:
+def mse_table(net: nn.Module, ckpt: Checkpoint, pairs: list, tiling: Tiling = RUNTIME) -> dict:
     """(K, M) Y MSE of every subnet on the cores of every class, (K,) pixel share of each class, tile count.
 
     A class without calibration tiles gets frequency 0 and the mean row of all tiles (it then follows the
     nearest class in every map, see `routing.pareto_maps`).
     """
-    scale, k_count = ckpt["model_config"]["scale"], ckpt["num_classes"]
-    specs = [SubnetSpec(*s) for s in ckpt["specs"]]
+    scale, k_count = ckpt.model_config["scale"], ckpt.num_classes
     errors, pixels, classes = [], [], []
-    for run in tiled_runs(net, pairs, specs, ckpt["thresholds"], tiling, progress="calibrate"):
+    for run in tiled_runs(net, pairs, list(ckpt.specs), list(ckpt.thresholds), tiling, progress="calibrate"):
         err, pix = run.squared_errors(scale)
         errors.append(err)
         pixels.append(pix)
@@ -45,7 +44,7 @@ def mse_table(net: nn.Module, ckpt: dict, pairs: list, tiling: Tiling = RUNTIME)
     return {"mse_table": table, "class_freq": class_pixels / class_pixels.sum(), "tiles": int(len(classes))}
 
 
-def calibrate(net: nn.Module, ckpt: dict, pairs: list, tolerance_db: float | None = None,
+def calibrate(net: nn.Module, ckpt: Checkpoint, pairs: list, tolerance_db: float | None = None,
               budget: float | None = None) -> dict:
     """The checkpoint's `calibration` entry: MSE table, class frequencies, the knob and the map it gives
     (by FLOPs): the cheapest map within `tolerance_db` of the full subnet's predicted PSNR, or the best map
@@ -53,7 +52,7 @@ def calibrate(net: nn.Module, ckpt: dict, pairs: list, tolerance_db: float | Non
     if tolerance_db is not None and budget is not None:
         raise ValueError("give a tolerance or a budget, not both")
     stats = mse_table(net, ckpt, pairs)
-    flops = np.asarray(ckpt["flops"], dtype=np.float64)
+    flops = np.asarray(ckpt.flops, dtype=np.float64)
     if budget is None:
         tolerance_db = DEFAULT_TOLERANCE_DB if tolerance_db is None else tolerance_db
         class_map = routing.tolerance_map(stats["mse_table"], stats["class_freq"], flops, tolerance_db)

@@ -1,24 +1,18 @@
-"""Checkpoints: plain tensors and JSON-able values only, so `torch.load(weights_only=True)` reads them.
-
-Layout (format "wbsr-checkpoint", version 1):
-    model_config: dict            ModelConfig as JSON types
-    train_config: dict | None     TrainConfig as JSON types (None for an imported plain network)
-    model: dict[str, Tensor]      supernet state dict (BasicSR parameter names)
-    specs: list[[width, depth]]   subnets, cheapest first
-    flops: list[int]              2 x MACs of each subnet on one 32x32 LR patch
-    num_classes: int              K
-    thresholds: list[float]       K-1 descriptor thresholds (wbsr_train.descriptor)
-    calibration: dict | None      {"psnr_table": K x M, "tolerance_db": float, "class_to_subnet": [K ints]}
-    state: dict | None            resume state: step, optimizer, scheduler, loss, rng
-    metrics: dict                 last validation numbers
+"""Checkpoints: a `Checkpoint` record, saved as plain tensors and JSON-able values only, so
+`torch.load(weights_only=True)` reads them. `Checkpoint.from_dict` is the one place a checkpoint is validated;
+`Checkpoint.to_dict` is the on-disk layout (format "wbsr-checkpoint", version 1; the fields of `Checkpoint`
+and `ResumeState` below, specs as [width, depth] lists).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +20,153 @@ import torch
 
 from wbsr_runtime.fileio import atomic_file
 
+from .config import SubnetSpec
+
 FORMAT = "wbsr-checkpoint"
 VERSION = 1
-MODEL_KEYS = ("model_config", "model", "specs", "flops", "num_classes", "thresholds")  # what eval/export need
+MODEL_KEYS = ("model_config", "model", "specs", "flops", "num_classes", "thresholds")  # no defaults for these
 JSON_KEYS = ("model_config", "train_config", "specs", "flops", "num_classes", "thresholds", "calibration", "metrics")
 MAX_JSON_BYTES = 1 << 20  # all JSON fields together, as written out (a real checkpoint's take ~10 KB)
 ZIP_SLACK = 1 << 20  # bytes the members of a torch.save archive may add up to beyond its file size
+FLOPS_PATCH = 32  # LR patch side the FLOPs are counted at (and were, in checkpoints that do not say)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe or of an unknown format; the message is one line."""
 
 
-def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
-    """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
+@dataclass(frozen=True)
+class ResumeState:
+    """What `wbsr-train --resume` needs beyond the weights."""
+
+    step: int  # optimizer steps done
+    loss: dict[str, Any]  # state dicts of the loss (BDLoss sigma), optimizer and LR scheduler
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: tuple[str, ...]  # each rank's numpy bit-generator state, as JSON
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trained (or imported) supernet and everything export, evaluation and calibration need from it."""
+
+    model_config: dict[str, Any]  # ModelConfig as JSON types
+    model: dict[str, torch.Tensor]  # supernet state dict (BasicSR parameter names)
+    specs: tuple[SubnetSpec, ...]  # subnets, cheapest first
+    flops: tuple[int, ...]  # 2 x MACs of each subnet on one flops_patch x flops_patch LR patch
+    num_classes: int  # K
+    thresholds: tuple[float, ...]  # K-1 descriptor thresholds (wbsr_train.descriptor)
+    class_patch: int  # LR patch side the thresholds were computed at (the training patch)
+    flops_patch: int = FLOPS_PATCH
+    train_config: dict[str, Any] | None = None  # TrainConfig as JSON types (None for an imported network)
+    calibration: dict[str, Any] | None = None  # wbsr_train.calibrate.calibrate's entry (MSE table, map, knob)
+    state: ResumeState | None = None  # None once training is done, or for an imported network
+    metrics: dict[str, Any] = field(default_factory=dict)  # last validation numbers
+    holdout: tuple[str, ...] = ()  # training images set aside as the calibration split
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk layout: tensors and JSON types only."""
+        state = self.state and {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "specs": [list(s) for s in self.specs],
+            "flops": list(self.flops),
+            "thresholds": list(self.thresholds),
+            "state": state and {**state, "rng": list(self.state.rng)},
+            "holdout": list(self.holdout),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | Path = "checkpoint") -> Checkpoint:
+        """The checkpoint held by `d` (what `torch.load` gave), checked: format and version, JSON fields (types
+        and size), a model, each field's type. CheckpointError names `where` and says in one line what is
+        wrong. Fields added since version 1 (class_patch, flops_patch) default to what older code used."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: not a WBSR checkpoint (no '{FORMAT}' format tag)")
+        if d.get("version") != VERSION:
+            raise CheckpointError(
+                f"{where}: checkpoint version {d.get('version')!r} is not supported (this toolkit reads {VERSION})"
+            )
+        budget = [MAX_JSON_BYTES]
+        try:
+            for key in JSON_KEYS:
+                _check_json(d.get(key), key, budget)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: refused, {e}") from None
+        missing = [k for k in MODEL_KEYS if k not in d or d[k] is None]
+        if missing:
+            raise CheckpointError(f"{where}: checkpoint lacks {', '.join(missing)} (not a model checkpoint)")
+        if not isinstance(d["model_config"], dict) or not isinstance(d["model"], dict):
+            raise CheckpointError(f"{where}: model_config and model must be dicts")
+        train_config = _typed(d, "train_config", dict, where, None)
+        trained_at = _typed(train_config or {}, "patch", _int, where, FLOPS_PATCH)  # the patch build_pool scored
+        return cls(
+            model_config=d["model_config"],
+            model=d["model"],
+            specs=_typed(d, "specs", lambda v: tuple(SubnetSpec(*(_int(x) for x in s)) for s in v), where),
+            flops=_typed(d, "flops", lambda v: tuple(_int(x) for x in v), where),
+            num_classes=_typed(d, "num_classes", _int, where),
+            thresholds=_typed(d, "thresholds", lambda v: tuple(float(_number(t)) for t in v), where),
+            class_patch=_typed(d, "class_patch", _int, where, trained_at),
+            flops_patch=_typed(d, "flops_patch", _int, where, FLOPS_PATCH),
+            train_config=train_config,
+            calibration=_typed(d, "calibration", dict, where, None),
+            state=_typed(d, "state", _resume_state, where, None),
+            metrics=_typed(d, "metrics", dict, where, {}),
+            holdout=_typed(d, "holdout", lambda v: tuple(_str(p) for p in v), where, ()),
+        )
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{v!r:.40} is not an integer")
+    return v
+
+
+def _number(v: Any) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise TypeError(f"{v!r:.40} is not a number")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{v!r:.40} is not a string")
+    return v
+
+
+def _resume_state(v: Any) -> ResumeState:
+    return ResumeState(step=_int(v["step"]), loss=dict(v["loss"]), optimizer=dict(v["optimizer"]),
+                       scheduler=dict(v["scheduler"]), rng=tuple(_str(r) for r in v["rng"]))
+
+
+_REQUIRED = object()
+
+
+def _typed(d: dict[str, Any], key: str, convert: Callable[[Any], Any] | type, where: str | Path,
+           default: Any = _REQUIRED) -> Any:
+    """`d[key]`, of type `convert` or through `convert`; `default` when given and the key is missing or None.
+    CheckpointError naming the field when the value does not fit."""
+    value = d.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    try:
+        if isinstance(convert, type):
+            if not isinstance(value, convert):
+                raise TypeError(f"not a {convert.__name__}")
+            return value
+        return convert(value)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: invalid {key} in checkpoint ({str(e) or type(e).__name__})") from None
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write `ckpt.to_dict()` atomically: a temp file in the same folder, then rename, so a crash never leaves
+    half a file."""
     with atomic_file(path, parents=True) as f:
-        torch.save({"format": FORMAT, "version": VERSION, **ckpt}, f)
+        torch.save(ckpt.to_dict(), f)
 
 
 def _check_archive(path: Path) -> None:
@@ -99,54 +224,31 @@ def _check_json(value: Any, where: str, budget: list[int], depth: int = 0) -> No
         raise CheckpointError(f"{where}: {type(value).__name__} is not JSON data")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True` after `_check_archive`, and check its JSON fields (types and
-    size); CheckpointError says in one line what is wrong."""
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint with `weights_only=True` after `_check_archive`, then `Checkpoint.from_dict`;
+    CheckpointError says in one line what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     _check_archive(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except Exception as e:  # torch raises RuntimeError/EOFError/zipfile errors for corrupt files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a WBSR checkpoint (no '{FORMAT}' format tag)")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint version {ckpt.get('version')!r} is not supported (this toolkit reads {VERSION})"
-        )
-    budget = [MAX_JSON_BYTES]
-    try:
-        for key in JSON_KEYS:
-            _check_json(ckpt.get(key), key, budget)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: refused, {e}") from None
-    return ckpt
+    return Checkpoint.from_dict(data, path)
 
 
-def require_model(ckpt: dict[str, Any], path: str | Path) -> None:
-    """CheckpointError unless the checkpoint holds a model (MODEL_KEYS): what wbsr-eval, wbsr-calibrate and
-    wbsr-export need (a run's first save before training also has them; a bare resume state does not)."""
-    missing = [k for k in MODEL_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)} (not a model checkpoint)")
-    if not isinstance(ckpt["model_config"], dict) or not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{path}: model_config and model must be dicts")
-
-
-def supernet_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> torch.nn.Module:
+def supernet_from_checkpoint(ckpt: Checkpoint, path: str | Path = "checkpoint") -> torch.nn.Module:
     """The supernet of a loaded checkpoint, weights in, in eval mode; CheckpointError (naming `path`) for a
     model config or weights that do not make a network."""
     from .config import model_config_from_dict
     from .model import build_supernet
 
-    require_model(ckpt, path)
-    weights = {k: tuple(v.shape) for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
+    weights = {k: tuple(v.shape) for k, v in ckpt.model.items() if isinstance(v, torch.Tensor)}
     try:
-        cfg = model_config_from_dict(ckpt["model_config"])
+        cfg = model_config_from_dict(ckpt.model_config)
         if max(cfg.depths) * (cfg.n_groups if cfg.arch == "rcan" else 1) > len(weights):
             raise ValueError("more blocks than the checkpoint has weights")
         with torch.device("meta"):  # shapes only: a config claiming huge widths allocates nothing
@@ -154,7 +256,7 @@ def supernet_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoin
         if wanted != weights:
             raise ValueError("its weights do not fit its model config")
         net = build_supernet(cfg)  # as large as the weights already loaded
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt.model)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: invalid model in checkpoint ({first[:200]})") from None

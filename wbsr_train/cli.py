@@ -112,7 +112,7 @@ def _load(ckpt_path: str, data: str | None, scale: int | None):
         if not Path(data).is_dir():
             raise ValueError(f"{data}: no such folder")
         return ckpt, net, load_pairs(data, net.cfg.scale)
-    held = ckpt.get("holdout") or []
+    held = ckpt.holdout
     if not held:
         raise ValueError(f"{ckpt_path}: no held-out calibration split (train with --holdout F); pass --data DIR")
     missing = [p for p in held if not Path(p).is_file()]
@@ -145,17 +145,17 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
     ckpt, net, pairs = _load(a.ckpt, a.data, a.scale)
-    cal = ckpt.get("calibration")
+    cal = ckpt.calibration
     if (a.tolerance is not None or a.budget is not None) and not cal:
         raise ValueError("--tolerance/--budget need a calibrated checkpoint: run wbsr-calibrate first")
     if cal and (a.tolerance is not None or a.budget is not None):
-        table, freq, flops = np.array(cal["mse_table"]), np.array(cal["class_freq"]), np.array(ckpt["flops"], float)
+        table, freq, flops = np.array(cal["mse_table"]), np.array(cal["class_freq"]), np.array(ckpt.flops, float)
         class_map = routing.tolerance_map(table, freq, flops, a.tolerance) if a.tolerance is not None \
             else routing.budget_map(table, freq, flops, a.budget)
     elif cal:
         class_map = np.array(cal["class_to_subnet"])
     else:
-        class_map = routing.eq15_map(ckpt["num_classes"], len(ckpt["specs"]))
+        class_map = routing.eq15_map(ckpt.num_classes, len(ckpt.specs))
     report = evaluate_model(net, ckpt, pairs, class_map)
     report["routing"] = "calibrated" if cal else "eq15"
     print(format_report(report))
@@ -187,6 +187,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
 
 
 def _calibrate(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .calibrate import calibrate
     from .checkpoint import save_checkpoint
 
@@ -195,8 +197,8 @@ def _calibrate(a: argparse.Namespace) -> int:
     if a.budget is not None and not 0 < a.budget <= 1:
         raise ValueError(f"--budget must be a fraction in (0, 1], got {a.budget}")
     ckpt, net, pairs = _load(a.ckpt, a.data, None)
-    cal = ckpt["calibration"] = calibrate(net, ckpt, pairs, a.tolerance, a.budget)
-    save_checkpoint(a.out or a.ckpt, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    cal = calibrate(net, ckpt, pairs, a.tolerance, a.budget)
+    save_checkpoint(a.out or a.ckpt, replace(ckpt, calibration=cal))
     print(f"class x subnet Y MSE on {cal['tiles']} tiles of {cal['images']} images (class share %):")
     for k, (row, f) in enumerate(zip(cal["mse_table"], cal["class_freq"], strict=True), 1):
         print(f"  class {k:2d} ({100 * f:4.1f}): " + " ".join(f"{v:7.2f}" for v in row))

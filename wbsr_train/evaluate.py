@@ -28,6 +28,7 @@ from wbsr_runtime.tiling import (
 )
 
 from . import descriptor
+from .checkpoint import Checkpoint
 from .config import SubnetSpec
 from .data import imresize
 
@@ -173,13 +174,13 @@ def _mean_rows(per_image: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in per_image])) for k in per_image[0]}
 
 
-def evaluate_model(net: nn.Module, ckpt: dict, pairs: list, class_map: np.ndarray) -> dict:
+def evaluate_model(net: nn.Module, ckpt: Checkpoint, pairs: list, class_map: np.ndarray) -> dict:
     """The full evaluation report of a checkpoint's supernet on (name, lr, hr) uint8 pairs (JSON-able).
 
     rows: bicubic; every subnet on the whole frame; the full subnet tiled (protocol); dynamic routing (protocol).
     per_class: Y-PSNR of the full subnet's tiles, by descriptor class (the paper's Fig. 4).
     """
-    scale, specs, flops = ckpt["model_config"]["scale"], [SubnetSpec(*s) for s in ckpt["specs"]], ckpt["flops"]
+    scale, specs, flops = ckpt.model_config["scale"], list(ckpt.specs), list(ckpt.flops)
     rows = [{"method": "bicubic", **_mean_rows([_scores(imresize(lr, scale), hr, scale)
                                                   for _, lr, hr in pairs])}]
     for m, spec in enumerate(specs):
@@ -187,7 +188,7 @@ def evaluate_model(net: nn.Module, ckpt: dict, pairs: list, class_map: np.ndarra
         rows.append({"method": f"subnet {m} (w{spec.width} d{spec.depth}) whole frame", **scores,
                      "flops_per_patch": flops[m], "flops_pct": 100.0 * flops[m] / flops[-1]})
     full, dynamic, classes, errors, pixels = [], [], [], [], []
-    for run in tiled_runs(net, pairs, specs, ckpt["thresholds"], PROTOCOL, progress="evaluate"):
+    for run in tiled_runs(net, pairs, specs, list(ckpt.thresholds), PROTOCOL, progress="evaluate"):
         subnets = np.asarray(class_map)[run.classes - 1]
         full.append(_scores(run.stitch(np.full_like(subnets, len(specs) - 1), scale), run.hr, scale))
         dynamic.append((_scores(run.stitch(subnets, scale), run.hr, scale), subnets))
@@ -205,7 +206,7 @@ def evaluate_model(net: nn.Module, ckpt: dict, pairs: list, class_map: np.ndarra
     classes, errors, pixels = np.concatenate(classes), np.concatenate(errors), np.concatenate(pixels)
     per_class = [{"class": k, "patches": int((classes == k).sum()),
                   "psnr_y_full": _psnr_of(errors[classes == k].sum(), pixels[classes == k].sum())}
-                 for k in range(1, ckpt["num_classes"] + 1)]
+                 for k in range(1, ckpt.num_classes + 1)]
     return {"scale": scale, "images": len(pairs), "class_to_subnet": np.asarray(class_map).tolist(),
             "rows": rows, "per_class": per_class}
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from wbsr_runtime.routing import eq15_map
 
 from . import descriptor
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import FLOPS_PATCH, Checkpoint, CheckpointError, ResumeState, load_checkpoint, save_checkpoint
 from .config import ModelConfig, SubnetSpec, model_config_from_dict, preset, to_dict
 from .data import TrainSet, augment, load_pairs
 from .loss import make_loss, optimizer_groups
@@ -45,7 +45,7 @@ class TrainConfig:
     val: str | None = None
     iters: int = 20000
     batch: int = 16
-    patch: int = 32  # LR patch side; HR crops are patch * scale (32 is also the routing class patch)
+    patch: int = 32  # LR patch side; HR crops are patch * scale; the thresholds are computed at it (class_patch)
     lr: float = 2e-4
     lr_min: float = 1e-7
     loss: str = "bd"  # "bd" (Balanced Diversity Loss) or "l1"
@@ -174,18 +174,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if init is not None:
         net.load_state_dict(init)
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])  # onto the parameters' device; optimizer state follows them
-        loss_fn.load_state_dict(ckpt["state"]["loss"])
-        opt.load_state_dict(ckpt["state"]["optimizer"])
-        sched.load_state_dict(ckpt["state"]["scheduler"])
-        rng.bit_generator.state = json.loads(ckpt["state"]["rng"][rank])
-        start, metrics = ckpt["state"]["step"], ckpt["metrics"]
+        net.load_state_dict(ckpt.model)  # onto the parameters' device; optimizer state follows them
+        loss_fn.load_state_dict(ckpt.state.loss)
+        opt.load_state_dict(ckpt.state.optimizer)
+        sched.load_state_dict(ckpt.state.scheduler)
+        rng.bit_generator.state = json.loads(ckpt.state.rng[rank])
+        start, metrics = ckpt.state.step, ckpt.metrics
 
     def save(step: int) -> None:
         rng_states = _gather_rng(rng, world)  # a collective: every rank takes part
         if rank == 0:
-            save_checkpoint(cfg.out, _checkpoint(cfg, mcfg, net, specs, thresholds, loss_fn, opt, sched,
-                                                 step, rng_states, metrics, data.held_out))
+            state = ResumeState(step, loss_fn.state_dict(), opt.state_dict(), sched.state_dict(), tuple(rng_states))
+            save_checkpoint(cfg.out, _checkpoint(cfg, mcfg, net, specs, thresholds, state, metrics, data.held_out))
 
     log_path = Path(cfg.out).with_suffix(".jsonl")
     if rank == 0 and ckpt is None:
@@ -242,33 +242,34 @@ def _validate(net: nn.Module, val: list, scale: int) -> dict[str, float]:
     return {"val_psnr_y_full": float(np.mean(psnrs))}
 
 
-def _checkpoint(cfg, mcfg, net, specs, thresholds, loss_fn, opt, sched, step, rng_states, metrics, held) -> dict:
-    return {
-        "model_config": to_dict(mcfg),
-        "train_config": to_dict(cfg),
-        "model": {k: v.cpu() for k, v in net.state_dict().items()},
-        "specs": [list(s) for s in specs],
-        "flops": [count_flops(mcfg, s) for s in specs],
-        "num_classes": cfg.num_classes,
-        "thresholds": [float(t) for t in thresholds],
-        "calibration": None,
-        "state": {"step": step, "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
-                  "scheduler": sched.state_dict(), "rng": rng_states},
-        "metrics": metrics,
-        "holdout": held,
-    }
+def _checkpoint(cfg: TrainConfig, mcfg: ModelConfig, net: nn.Module, specs: list[SubnetSpec],
+                thresholds: torch.Tensor, state: ResumeState, metrics: dict[str, Any], held: list[str]) -> Checkpoint:
+    return Checkpoint(
+        model_config=to_dict(mcfg),
+        train_config=to_dict(cfg),
+        model={k: v.cpu() for k, v in net.state_dict().items()},
+        specs=tuple(specs),
+        flops=tuple(count_flops(mcfg, s, FLOPS_PATCH, FLOPS_PATCH) for s in specs),
+        flops_patch=FLOPS_PATCH,
+        num_classes=cfg.num_classes,
+        thresholds=tuple(float(t) for t in thresholds),
+        class_patch=cfg.patch,  # build_pool scored patches of this size
+        state=state,
+        metrics=metrics,
+        holdout=tuple(held),
+    )
 
 
-def _resume_state(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any] | None:
+def _resume_state(cfg: TrainConfig, mcfg: ModelConfig) -> Checkpoint:
     if not Path(cfg.out).exists():
         raise CheckpointError(f"{cfg.out}: nothing to resume (no checkpoint there)")
     ckpt = load_checkpoint(cfg.out)
-    if ckpt.get("state") is None:
+    if ckpt.state is None:
         raise CheckpointError(f"{cfg.out}: checkpoint has no training state to resume from")
-    diff = config_diff(ckpt["train_config"], to_dict(cfg))
+    diff = config_diff(ckpt.train_config or {}, to_dict(cfg))
     if diff:
         raise CheckpointError(f"{cfg.out}: cannot resume with a different config ({'; '.join(diff)})")
-    if model_config_from_dict(ckpt["model_config"]) != mcfg:
+    if model_config_from_dict(ckpt.model_config) != mcfg:
         raise CheckpointError(f"{cfg.out}: the checkpoint's model differs from preset {cfg.preset!r}"
                               + (" (plain)" if cfg.plain else ""))
     return ckpt
@@ -277,9 +278,9 @@ def _resume_state(cfg: TrainConfig, mcfg: ModelConfig) -> dict[str, Any] | None:
 def _init_weights(path: str, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The supernet weights of the checkpoint at `path`, refused unless its model is exactly `mcfg`."""
     ckpt = load_checkpoint(path)
-    if model_config_from_dict(ckpt["model_config"]) != mcfg:
+    if model_config_from_dict(ckpt.model_config) != mcfg:
         raise CheckpointError(f"{path}: --init needs a checkpoint of the same model (preset and scale)")
-    return ckpt["model"]
+    return ckpt.model
 
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
