@@ -28,7 +28,7 @@ def score_assignments(runs: list[TiledRun], flops, scale: int, assignments: dict
         a = np.concatenate(assign).astype(np.int64)
         r = {"psnr_y": float(np.mean([psnr_y(sr, run.hr, scale) for sr, run in zip(images, runs, strict=True)])),
              "flops_pct": 100.0 * float(flops[a].mean()) / flops[-1],
-             "patches_per_subnet": np.bincount(a, minlength=len(flops)).tolist()}
+             "tiles_per_subnet": np.bincount(a, minlength=len(flops)).tolist()}
         if name in ssim_for:
             r["ssim_y"] = float(np.mean([ssim_y(sr, run.hr, scale) for sr, run in zip(images, runs, strict=True)]))
         results[name] = r

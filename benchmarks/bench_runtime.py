@@ -170,7 +170,7 @@ def _summarise(label: str, per_image: list[dict[str, Any]], flops_pp: np.ndarray
     if stats[0] is None:
         return row | {"flops_paper_pct": None, "flops_exec_pct": None, "shares_pct": None}
     counts = np.sum([s.tiles_per_subnet for s in stats], axis=0)
-    row["patches_per_subnet"] = counts.tolist()
+    row["tiles_per_subnet"] = counts.tolist()
     row["flops_paper_pct"] = 100.0 * float(counts @ flops_pp) / (counts.sum() * flops_pp[-1])
     row["flops_exec_pct"] = 100.0 * sum(s.flops for s in stats) / sum(s.flops_full for s in stats)
     parts = {k: sum(getattr(s, f"{k}_s") for s in stats) for k in ("router", "subnets", "tiling")}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wbsr_train.descriptor import classify, patch_scores, thresholds_from_pool
+from wbsr_runtime.routing import classify
+from wbsr_train.descriptor import patch_scores, thresholds_from_pool
 from wbsr_train.sampler import HESSampler, class_probabilities
 
 K = 10
@@ -43,7 +44,7 @@ def test_quantile_thresholds_give_equal_classes(kind: str) -> None:
     else:
         scores = patch_scores(textured_patches(n, seed=1))
     assert torch.unique(scores).numel() == n  # ties-free pool
-    classes = classify(scores, thresholds_from_pool(scores, K))
+    classes = classify(scores.numpy(), thresholds_from_pool(scores, K).numpy())
     counts = np.bincount(classes.numpy() - 1, minlength=K)
     assert counts.tolist() == [n // K] * K
 
@@ -64,7 +65,7 @@ def test_class_probabilities_hand_worked() -> None:
 
 def quantile_sampler(n: int = 2000, switch: float = 0.7) -> HESSampler:
     scores = torch.from_numpy(np.random.default_rng(3).random(n))
-    classes = classify(scores, thresholds_from_pool(scores, K)).numpy()
+    classes = classify(scores.numpy(), thresholds_from_pool(scores, K).numpy())
     return HESSampler(positions_for(n), classes, K, delta=0.85, switch=switch)
 
 

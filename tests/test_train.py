@@ -171,7 +171,7 @@ def test_eval_and_calibrate(tmp_path: Path, trained: Path) -> None:
     bicubic = report["rows"][0]["psnr_y"]
     assert 27.5 < bicubic < 29.5  # METHOD.md: 28.43 dB for Set5 x4 under this protocol
     dynamic = next(r for r in report["rows"] if r["method"] == "dynamic, tiled")
-    assert 0 < dynamic["flops_pct"] <= 100 and sum(dynamic["patches_per_subnet"]) > 0
+    assert 0 < dynamic["flops_pct"] <= 100 and sum(dynamic["tiles_per_subnet"]) > 0
     assert report["routing"] == "calibrated" and len(report["per_class"]) == 10
     code, _ = run_cli(cli.eval_main, ["--ckpt", str(ck), "--data", str(SET5), "--budget", "0.3",
                                       "--json", str(report_path)])
@@ -203,8 +203,7 @@ def test_engine_agrees_with_direct_scoring(trained: Path) -> None:
 
 
 def run_tiles_of(run, lr: np.ndarray) -> np.ndarray:
-    from wbsr_runtime.tiling import extract_tiles
-    from wbsr_train.evaluate import to_chw
+    from wbsr_runtime.tiling import extract_tiles, to_chw
 
     return extract_tiles(to_chw(lr), run.plan, np.array([0]))
 

@@ -97,7 +97,7 @@ class Router(nn.Module):
         mean = sums[0] / count
         var = torch.clamp(sums[1] / count - mean * mean, min=0.0)
         scores = (mean + torch.sqrt(var)).float()
-        # Classify the float32 score, exactly as descriptor.classify does with patch_scores' output.
+        # Classify the float32 score, exactly as routing.classify does with patch_scores' output.
         classes = 1 + (scores.double().unsqueeze(1) >= self.thresholds.unsqueeze(0)).long().sum(1)
         return scores, classes
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from wbsr_runtime.backends.base import cpu_session
-from wbsr_train.descriptor import box_scores, classify
+from wbsr_runtime.routing import classify
+from wbsr_train.descriptor import box_scores
 
 from .compare import compare
 
@@ -85,7 +86,7 @@ def router_parity(
     scores, classes = run_onnx(cpu_session(onnx_path, threads=1), {"frame": frame, "boxes": boxes})
     ref = reference_scores(frame, boxes)
     thr = np.asarray(thresholds, dtype=np.float64)
-    ref_classes = classify(torch.from_numpy(ref), torch.from_numpy(thr)).numpy()
+    ref_classes = classify(ref, thr)
     rel = np.abs(scores.astype(np.float64) - ref) / np.maximum(np.abs(ref), 1e-6)
     tie = np.abs(ref[:, None] - thr[None, :]).min(1, initial=np.inf) <= 1e-5 * np.maximum(np.abs(ref), 1e-6)
     differ = classes != ref_classes

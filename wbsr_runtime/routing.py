@@ -21,9 +21,10 @@ import numpy as np
 
 
 def classify(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Class in 1..K of each descriptor score: 1 + the number of thresholds at or below it."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return 1 + np.searchsorted(np.asarray(thresholds, dtype=np.float64), scores, side="right")
+    """Class in 1..K of each descriptor score: 1 + the number of thresholds at or below it, as the router
+    graph counts (a NaN score is class 1). (N,) -> (N,) int64."""
+    scores, thresholds = np.asarray(scores, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
+    return 1 + (scores[..., None] >= thresholds).sum(-1, dtype=np.int64)
 
 
 def eq15_map(num_classes: int, num_subnets: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from wbsr_runtime.fileio import atomic_file
+from wbsr_runtime.fileio import atomic_file, one_line
 
 from .config import SubnetSpec
 
@@ -258,6 +258,5 @@ def supernet_from_checkpoint(ckpt: Checkpoint, path: str | Path = "checkpoint") 
         net = build_supernet(cfg)  # as large as the weights already loaded
         net.load_state_dict(ckpt.model)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: invalid model in checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: invalid model in checkpoint ({one_line(e, 200)})") from None
     return net.eval()

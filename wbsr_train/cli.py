@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from wbsr_runtime import CPU_TORCH
-from wbsr_runtime.fileio import atomic_file, exit_code, interrupts_as_exceptions
+from wbsr_runtime.fileio import exit_code, interrupts_as_exceptions, one_line, write_json
 
 
 def _fail(message: str) -> int:
@@ -41,7 +41,7 @@ def _run(fn, args, prog: str) -> int:
             raise
         return _fail(line)
     except (ValueError, OSError) as e:  # CheckpointError, ImageError and bad options are ValueErrors
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _fail(one_line(e))
     except KeyboardInterrupt as e:
         return exit_code(e)
 
@@ -160,8 +160,7 @@ def _eval(a: argparse.Namespace) -> int:
     report["routing"] = "calibrated" if cal else "eq15"
     print(format_report(report))
     if a.json:
-        with atomic_file(a.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(a.json, report)
     return 0
 
 

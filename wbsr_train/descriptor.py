@@ -52,6 +52,3 @@ def thresholds_from_pool(scores: torch.Tensor, num_classes: int) -> torch.Tensor
     return ordered[idx]
 
 
-def classify(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Class in 1..K of each score: 1 + the number of thresholds at or below it. (N,) -> (N,) int64."""
-    return 1 + (scores.double().unsqueeze(-1) >= thresholds.double()).sum(-1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from wbsr_runtime.routing import classify
 from wbsr_runtime.tiling import (
     TilePlan,
     extract_tiles,
@@ -25,6 +26,7 @@ from wbsr_runtime.tiling import (
     plan_tiles,
     route_boxes,
     stitch_tiles,
+    to_chw,
 )
 
 from . import descriptor
@@ -77,11 +79,6 @@ def to_uint8(t: torch.Tensor | np.ndarray) -> np.ndarray:
     a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t
     a = a.reshape(a.shape[-3:])
     return (np.clip(a, 0, 1) * 255.0).round().astype(np.uint8).transpose(1, 2, 0)
-
-
-def to_chw(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
-    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -161,7 +158,7 @@ def tiled_runs(net: nn.Module, pairs: list, specs: list[SubnetSpec], thresholds,
         tiles = extract_tiles(frame, plan)
         boxes = plan.boxes if tiling.blend else route_boxes(plan)  # what the runtime's router scores
         scores = descriptor.box_scores(torch.from_numpy(pad_frame(frame, plan)), torch.from_numpy(boxes))
-        classes = descriptor.classify(scores, torch.as_tensor(thresholds)).numpy()
+        classes = classify(scores.numpy(), thresholds)
         outputs = np.stack([forward_tiles(net, tiles, spec) for spec in specs])
         yield TiledRun(name, hr, plan, scores.numpy(), classes, outputs)
 
@@ -198,11 +195,11 @@ def evaluate_model(net: nn.Module, ckpt: Checkpoint, pairs: list, class_map: np.
         pixels.append(pix)
     all_subnets = np.concatenate([s for _, s in dynamic])
     rows.append({"method": "full subnet, tiled", **_mean_rows(full), "flops_pct": 100.0,
-                 "patches_per_subnet": np.bincount(np.full(len(all_subnets), len(specs) - 1),
+                 "tiles_per_subnet": np.bincount(np.full(len(all_subnets), len(specs) - 1),
                                                    minlength=len(specs)).tolist()})
     rows.append({"method": "dynamic, tiled", **_mean_rows([r for r, _ in dynamic]),
                  "flops_pct": 100.0 * float(np.mean(np.asarray(flops)[all_subnets])) / flops[-1],
-                 "patches_per_subnet": np.bincount(all_subnets, minlength=len(specs)).tolist()})
+                 "tiles_per_subnet": np.bincount(all_subnets, minlength=len(specs)).tolist()})
     classes, errors, pixels = np.concatenate(classes), np.concatenate(errors), np.concatenate(pixels)
     per_class = [{"class": k, "patches": int((classes == k).sum()),
                   "psnr_y_full": _psnr_of(errors[classes == k].sum(), pixels[classes == k].sum())}

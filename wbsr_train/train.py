@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from wbsr_runtime.routing import eq15_map
+from wbsr_runtime.routing import classify, eq15_map
 
 from . import descriptor
 from .checkpoint import FLOPS_PATCH, Checkpoint, CheckpointError, ResumeState, load_checkpoint, save_checkpoint
@@ -126,7 +126,7 @@ def build_pool(data: TrainSet, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray
         for i in range(0, len(positions), 2048)
     ])
     thresholds = descriptor.thresholds_from_pool(scores, cfg.num_classes)
-    return positions, descriptor.classify(scores, thresholds).numpy(), thresholds
+    return positions, classify(scores.numpy(), thresholds.numpy()), thresholds
 
 
 def route_groups(classes: np.ndarray, specs: list[SubnetSpec], class_map: np.ndarray,
