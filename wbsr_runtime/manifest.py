@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_file
+from .fileio import atomic_file, one_line
 from .tiling import MAX_TILE, MIN_WINDOW
 
 FORMAT = "wbsr-bundle"
@@ -198,7 +198,7 @@ def parse_manifest(data: Any, root: str | Path) -> Manifest:
     try:
         return _parse(root, data)
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
-        what = f"missing field {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0]
+        what = f"missing field {e}" if isinstance(e, KeyError) else one_line(e)
         raise BundleError(f"{root / MANIFEST}: malformed manifest ({what}); {REBUILD}") from None
 
 

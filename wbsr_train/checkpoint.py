@@ -6,7 +6,6 @@ and `ResumeState` below, specs as [width, depth] lists).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pickle
 import re
@@ -66,15 +65,15 @@ class Checkpoint:
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk layout: tensors and JSON types only."""
-        state = self.state and {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}
+        state = None if self.state is None else {**vars(self.state), "rng": list(self.state.rng)}
         return {
             "format": FORMAT,
             "version": VERSION,
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            **vars(self),
             "specs": [list(s) for s in self.specs],
             "flops": list(self.flops),
             "thresholds": list(self.thresholds),
-            "state": state and {**state, "rng": list(self.state.rng)},
+            "state": state,
             "holdout": list(self.holdout),
         }
 
