@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).parent / "data"
+from tests import DATA
+
 NUM_CLASSES = 10
 
 

@@ -1,13 +1,13 @@
-"""Issue 6, integrity and safety: interrupted runs, outputs never clobbered, tampered or foreign bundles, unsafe
-checkpoints, bounded memory and the pixel limit. The bad-input corpus is tests/test_bad_inputs.py.
+"""Integrity and safety: interrupted runs, outputs never clobbered, tampered or foreign bundles, unsafe
+checkpoints, bounded memory and the pixel limit. The bad-input corpus is tests/runtime/test_cli_bad_inputs.py.
 
 Covered elsewhere, not repeated here (`test_items_covered_elsewhere_exist` keeps these names honest):
 - training data: an unreadable image is named, `--skip-bad` skips it:
-  tests/test_train.py::test_unreadable_training_image_is_named; it is counted: tests/test_data.py::
+  tests/train/test_train.py::test_unreadable_training_image_is_named; it is counted: tests/train/test_data.py::
   test_trainset_skip_bad.
-- one Upscaler shared by threads: tests/test_upscaler.py::test_threads_share_one_upscaler (here, the same with
+- one Upscaler shared by threads: tests/runtime/test_upscaler.py::test_threads_share_one_upscaler (here, the same with
   several workers stitching into one output at once).
-- engine records for another GPU or TensorRT version, at the function level: tests/test_engines.py (here,
+- engine records for another GPU or TensorRT version, at the function level: tests/runtime/test_engines.py (here,
   through `wbsr-run --backend trt`).
 """
 
@@ -31,13 +31,13 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from tests import ROOT
 from tests.nearest_bundle import build_nearest_bundle
 from wbsr_runtime import cli
 from wbsr_runtime.engines import engine_file, profile_shapes
 from wbsr_runtime.manifest import SCHEMA_VERSION, hash_files, write_manifest
 from wbsr_runtime.media import read_image
 
-ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_FILES = ["router.onnx", "subnet_00.onnx", "subnet_01.onnx", "subnet_02.onnx"]
 
 
@@ -81,7 +81,7 @@ def _standin_command(argv: list[str], delay: float) -> list[str]:
 @pytest.mark.slow
 def test_interrupted_video_leaves_no_output(tmp_path: Path, sig: int, code: int, word: str) -> None:
     pytest.importorskip("av")
-    from tests.test_video import make_clip
+    from tests.samples import make_clip
 
     make_clip(tmp_path / "clip.mp4", frames=40)
     out = tmp_path / "out"
@@ -135,7 +135,7 @@ def test_output_equal_to_an_input_is_refused(bundle: Path, tmp_path: Path, capsy
 
 def test_video_output_equal_to_input_or_existing_is_refused(bundle: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("av")
-    from tests.test_video import make_clip
+    from tests.samples import make_clip
 
     clip = tmp_path / "clip.mp4"
     make_clip(clip)
@@ -369,11 +369,11 @@ def test_max_pixels_refuses_large_frames_by_name(bundle: Path, tmp_path: Path, c
     _refused(*_run([str(src), "-o", str(tmp_path / "o.png"), *base, "1999"], capsys), str(src), "exceeds")
     assert not (tmp_path / "o.png").exists()
     assert _run([str(src), "-o", str(tmp_path / "o.png"), *base, "2000"], capsys)[0] == 0  # the limit is inclusive
-    from tests.test_bad_inputs import _bomb_png
+    from tests.samples import bomb_png
 
-    (tmp_path / "header.png").write_bytes(_bomb_png(5000, 5000))  # refused from its header, never decoded
+    (tmp_path / "header.png").write_bytes(bomb_png(5000, 5000))  # refused from its header, never decoded
     _refused(*_run([str(tmp_path / "header.png"), "-o", str(tmp_path / "h.png"), *base, "10000"], capsys), "exceeds")
-    from tests.test_video import make_clip
+    from tests.samples import make_clip
 
     make_clip(tmp_path / "clip.mp4")  # 32 x 24 = 768 pixels per frame
     _refused(*_run([str(tmp_path / "clip.mp4"), "-o", str(tmp_path / "o.mp4"), *base, "500"], capsys), "exceeds")
@@ -405,15 +405,14 @@ def test_workers_and_threads_share_one_upscaler_exactly(bundle: Path) -> None:
 
 
 def test_items_covered_elsewhere_exist() -> None:
-    here = Path(__file__).parent
     for file, name in [
-        ("test_train.py", "def test_unreadable_training_image_is_named"),
-        ("test_data.py", "def test_trainset_skip_bad"),
-        ("test_upscaler.py", "def test_threads_share_one_upscaler"),
-        ("test_engines.py", "def test_find_engine_refuses_foreign_or_missing"),
+        ("train/test_train.py", "def test_unreadable_training_image_is_named"),
+        ("train/test_data.py", "def test_trainset_skip_bad"),
+        ("runtime/test_upscaler.py", "def test_threads_share_one_upscaler"),
+        ("runtime/test_engines.py", "def test_find_engine_refuses_foreign_or_missing"),
     ]:
-        assert name in (here / file).read_text(), (file, name)
-    assert os.path.exists(here / "test_bad_inputs.py")
+        assert name in (ROOT / "tests" / file).read_text(), (file, name)
+    assert os.path.exists(ROOT / "tests" / "runtime" / "test_cli_bad_inputs.py")
 
 
 def test_docs_guarantees_is_the_readme_section() -> None:

@@ -9,11 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests import ROOT
 from wbsr_runtime import cli
 from wbsr_runtime.manifest import load_manifest
 from wbsr_runtime.upscaler import MODELS_DIR, default_bundle
 
-SAMPLE = Path(__file__).parents[1] / "wbsr_runtime" / "samples" / "butterfly.png"
+SAMPLE = ROOT / "wbsr_runtime" / "samples" / "butterfly.png"
 
 
 @pytest.mark.parametrize("scale", [2, 4])

@@ -23,10 +23,11 @@ vs = pytest.importorskip(
 from PIL import Image  # noqa: E402
 
 import wbsr_runtime.vapoursynth as wbsr  # noqa: E402
+from tests import DATA  # noqa: E402
 from wbsr_runtime.upscaler import Upscaler  # noqa: E402
 
 core = vs.core
-SET5 = Path(__file__).parent / "data" / "Set5" / "HR"
+SET5 = DATA / "Set5" / "HR"
 
 
 def crops(count: int = 3, h: int = 72, w: int = 88) -> list[np.ndarray]:

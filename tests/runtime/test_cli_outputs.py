@@ -1,6 +1,6 @@
-"""Issue 13, wbsr-run's outputs and options: colliding outputs, publishing without clobbering (even against
+"""wbsr-run's outputs and options: colliding outputs, publishing without clobbering (even against
 another process), output folders and extensions checked before any work, knobs refused in one line, symlink
-loops, progress and help. The file corpus is tests/test_bad_inputs.py.
+loops, progress and help. The file corpus is tests/runtime/test_cli_bad_inputs.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from tests import ROOT
 from tests.standin import NearestUpscaler
 from wbsr_runtime import cli, fileio
 from wbsr_runtime.defaults import MAX_PIXELS
 from wbsr_runtime.media import read_image
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_BUNDLE = ["--bundle", "/nonexistent/bundle"]  # a refusal that comes before the model loads never sees this
 
 

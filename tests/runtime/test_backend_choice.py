@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from tests import ROOT
 from tests.fake_ort_gpu import FakeGpuOrt
 from tests.fake_torch import FakeTorch, program_bundle
 from wbsr_runtime import cli
@@ -22,7 +23,6 @@ from wbsr_runtime.backends import BackendError, base, choose_backend, open_runne
 from wbsr_runtime.manifest import load_manifest
 from wbsr_runtime.upscaler import Upscaler
 
-ROOT = Path(__file__).resolve().parents[1]
 GAINS = (1.0, 2.0, 0.5)
 
 

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from tests import ROOT
+from tests.samples import bad_image_corpus
 from tests.standin import NearestUpscaler
-from tests.test_media import bad_image_corpus
 from wbsr_runtime import cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -102,7 +101,7 @@ def test_single_routing_map_and_stats(tmp_path: Path, standin: None) -> None:
 
 def test_video_input(tmp_path: Path, standin: None) -> None:
     pytest.importorskip("av")
-    from tests.test_video import make_clip, probe
+    from tests.samples import make_clip, probe
 
     make_clip(tmp_path / "clip.mp4")
     make_clip(tmp_path / "audio.mp4", video=False)
@@ -172,7 +171,7 @@ def test_real_upscaler_subprocess(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigterm_during_video_leaves_nothing(tmp_path: Path) -> None:
     pytest.importorskip("av")
-    from tests.test_video import make_clip
+    from tests.samples import make_clip
 
     make_clip(tmp_path / "clip.mp4", frames=40)
     out = tmp_path / "o.mp4"

@@ -13,12 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests import DATA  # noqa: E402
 from wbsr_train import cli  # noqa: E402
 from wbsr_train import train as train_mod  # noqa: E402
 from wbsr_train.checkpoint import load_checkpoint  # noqa: E402
 from wbsr_train.train import TrainConfig, train  # noqa: E402
 
-SET5 = Path(__file__).parent / "data" / "Set5"
+SET5 = DATA / "Set5"
 TINY = dict(preset="srresnet-compact", scale=4, data=(str(SET5 / "HR"),), iters=6, batch=4, patch=12,
             pool=300, val_every=3, log_every=1, seed=3)
 

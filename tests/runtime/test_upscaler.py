@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import ROOT
 from tests.nearest_bundle import build_nearest_bundle, router_classes
 from wbsr_runtime.manifest import BundleError
 from wbsr_runtime.tiling import plan_tiles, route_boxes
@@ -196,7 +197,7 @@ def test_runtime_works_without_torch(nn_bundle: Path) -> None:
         assert not bad, bad
         print("ok")
     """)
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
@@ -213,7 +214,7 @@ def test_vapoursynth_filter_is_optional() -> None:
         except ImportError as err:
             print(err)
     """)
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install 'wbsr-deploy[cpu,vapoursynth]'" in done.stdout.strip().splitlines()[-1]
@@ -264,7 +265,7 @@ def test_torch_workers_load_their_programs_at_the_same_time(tiny_bundle: Path) -
         np.testing.assert_allclose(out, ref.upscale(img), atol=1e-4)
 
 
-# --- issue 13: knobs, values that poison, small and thin frames ------------------------------------------
+# --- knobs, values that poison, small and thin frames -------------------------------------------------------
 @pytest.mark.parametrize(
     "knob, value",
     [

@@ -1,4 +1,4 @@
-"""Issue 13, bundles: manifest values of the wrong type or range, graphs that contradict the manifest (swapped
+"""Bundles that lie: manifest values of the wrong type or range, graphs that contradict the manifest (swapped
 subnets with consistent hashes, a wrong scale, the router's thresholds), symlinks leading out of the bundle
 and an oversized manifest: each refused at load, in one line that names the file, through `wbsr-run`.
 """

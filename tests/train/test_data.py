@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import DATA
 from wbsr_runtime.media import MediaError
 from wbsr_train.data import (
     TrainSet,
@@ -20,7 +21,7 @@ from wbsr_train.data import (
     read_rgb8,
 )
 
-SET5 = Path(__file__).parent / "data" / "Set5"
+SET5 = DATA / "Set5"
 NAMES = ("baby", "bird", "butterfly", "head", "woman")
 
 

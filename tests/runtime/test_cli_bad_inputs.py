@@ -1,5 +1,4 @@
-"""Issues 6 and 13, bad input: a corpus of >= 100 broken, odd and hostile files, generated here, through
-`wbsr-run`.
+"""Bad input through `wbsr-run`: a corpus of >= 100 broken, odd and hostile files, generated here.
 
 Every input gives either a correct output or exit 2 with one line on stderr naming the file (then the count
 line); never a traceback, a hang, a partial output or a leftover temporary file, and the input is untouched.
@@ -15,7 +14,6 @@ import os
 import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +23,13 @@ import pytest
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from tests import ROOT
 from tests.nearest_bundle import build_nearest_bundle
+from tests.samples import bomb_png
 from wbsr_runtime import cli
 from wbsr_runtime.media import Image, _png16_bytes, read_image, upscale_alpha, write_image
 from wbsr_runtime.plan import out_name
 
-ROOT = Path(__file__).resolve().parents[1]
 S = 2  # the bundle's scale
 LOSSLESS_OUT = (".png", ".tif", ".tiff", ".bmp")
 
@@ -66,15 +65,6 @@ def _encode(array_or_image: np.ndarray | PILImage.Image, fmt: str, **kw: object)
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def _bomb_png(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 4096))
 
 
 def _bomb_jpeg() -> bytes:
@@ -120,7 +110,7 @@ def _save(make_image: Callable[[], PILImage.Image], **kw: object) -> Callable[[P
 
 def _clip(**kw: object) -> Callable[[Path], None]:
     def make(p: Path) -> None:
-        from tests.test_video import make_clip
+        from tests.samples import make_clip
 
         make_clip(p, **kw)
 
@@ -138,7 +128,7 @@ def _frames(fmt: str, count: int = 3, **kw: object) -> Callable[[Path], None]:
 
 
 def _size_change(p: Path) -> None:
-    from tests.test_video import make_size_change_clip
+    from tests.samples import make_size_change_clip
 
     make_size_change_clip(p)
 
@@ -217,7 +207,7 @@ def video_ok(src: Path, out: Path) -> None:
 
 def same_video(src: Path, out: Path) -> None:
     """Every frame, at the source's times and rate, upright the same way, with its audio: nothing dropped."""
-    from tests.test_video import probe
+    from tests.samples import probe
 
     video_ok(src, out)
     a, b = probe(src), probe(out)
@@ -309,9 +299,9 @@ def _hostile() -> list[Case]:
         Case("signature_only.png", _write(png[:8])),
         Case("soi_only.jpg", _write(b"\xff\xd8")),
         Case("riff_only.webp", _write(b"RIFF\0\0\0\0WEBP")),
-        Case("bomb100k.png", _write(_bomb_png(100_000, 100_000)), msg="too many pixels"),
-        Case("bomb30k.png", _write(_bomb_png(30_000, 30_000)), msg="too many pixels"),
-        Case("bomb12k.png", _write(_bomb_png(12_000, 12_000)), msg="too many pixels"),
+        Case("bomb100k.png", _write(bomb_png(100_000, 100_000)), msg="too many pixels"),
+        Case("bomb30k.png", _write(bomb_png(30_000, 30_000)), msg="too many pixels"),
+        Case("bomb12k.png", _write(bomb_png(12_000, 12_000)), msg="too many pixels"),
         Case("bomb.jpg", _write(_bomb_jpeg()), msg="too many pixels"),
         Case("bomb.bmp", _write(_bomb_bmp()), msg="too many pixels"),
         Case("png_as.jpg", _write(png), image_ok),  # wrong extensions: read by content
@@ -325,7 +315,7 @@ def _hostile() -> list[Case]:
         Case("dangling.png", lambda p: p.symlink_to(p.with_name("nowhere.png")), msg="no such file"),
         Case("fifo.png", lambda p: os.mkfifo(p), msg="not a regular file"),  # must not hang on open
         Case("fifo.mp4", lambda p: os.mkfifo(p), msg="not a regular file"),
-        # issue 13: symlink loops and an empty folder named like an image are reported, the run goes on
+        # symlink loops and an empty folder named like an image are reported, the run goes on
         Case("loop.png", lambda p: p.symlink_to(p.name), msg="symlink loop"),
         Case("loop_a.jpg", lambda p: (p.symlink_to("loop_b.jpg"), p.with_name("loop_b.jpg").symlink_to(p.name)),
              msg="symlink loop"),
@@ -356,7 +346,7 @@ def _videos() -> list[Case]:
         Case("garbage_mid.mp4", _clip_bytes(".mp4", garbage_middle), video_ok, may_fail=True),
         Case("garbage_mid.mkv", _clip_bytes(".mkv", garbage_middle), video_ok, may_fail=True),
     ]
-    cases += [  # issue 13: every listed container round-trips (AVI at its rate, WebM as VP9), rotation kept
+    cases += [  # every listed container round-trips (AVI at its rate, WebM as VP9), rotation kept
         Case(f"rate10{ext}", _clip(frames=10, rate=10), same_video) for ext in (".mp4", ".mkv", ".mov", ".avi", ".webm")
     ]
     cases += [

@@ -1,4 +1,4 @@
-"""Issue 13, checkpoints and the training/export tools: zip bombs refused before decompressing, configs that
+"""Hostile checkpoints and the training/export tools: zip bombs refused before decompressing, configs that
 would expand into a GB manifest, a refused pickle described in our own words, a checkpoint without a model,
 an install without torch, and SIGTERM to wbsr-export: each one line, nothing written, nothing left over.
 """
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import ROOT
 from tests.conftest import refused_with_peak
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
+from tests.conftest import real_or_textured_images, tiny_checkpoint_data  # noqa: E402
 from wbsr_export import bundle as bundle_mod  # noqa: E402
 from wbsr_export.bundle import export_bundle  # noqa: E402
 from wbsr_export.cli import main  # noqa: E402
@@ -30,8 +31,6 @@ from wbsr_train.checkpoint import load_checkpoint, save_checkpoint, supernet_fro
 from wbsr_train.config import ModelConfig, SubnetSpec  # noqa: E402
 from wbsr_train.descriptor import thresholds_from_pool  # noqa: E402
 from wbsr_train.model import build_supernet  # noqa: E402
-
-from .conftest import real_or_textured_images, tiny_checkpoint_data  # noqa: E402
 
 
 def real_patches(size: int = 20, count: int = 6) -> np.ndarray:

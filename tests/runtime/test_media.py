@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from tests.samples import bad_image_corpus, bomb_png
 from tests.standin import NearestUpscaler
 from wbsr_runtime.media import (
     Image,
@@ -129,37 +127,6 @@ def test_exif_orientation_honoured(tmp_path: Path, orientation: int) -> None:
     assert read_image(tmp_path / "o.jpg").rgb.shape[:2] == ((6, 4) if orientation >= 5 else (4, 6))
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def _encoded(fmt: str) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(_noise(24, 32)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def bad_image_corpus() -> list[tuple[str, bytes]]:
-    """(file name, bytes) of broken images: each must give MediaError or a complete image, never a crash."""
-    corpus = [
-        ("empty.png", b""),
-        ("text.png", b"hello, not an image\n"),
-        ("bomb.png", _bomb_png(100_000, 100_000)),
-    ]
-    corpus.append(("zero.png", b"\0" * 64))
-    for fmt, ext in (("PNG", ".png"), ("JPEG", ".jpg"), ("WEBP", ".webp")):
-        data = _encoded(fmt)
-        for frac in (0.01, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95):
-            corpus.append((f"trunc{int(frac * 100)}{ext}", data[: int(len(data) * frac)]))
-    corpus.append(("png_as.jpg", _encoded("PNG")[:200]))
-    return corpus
-
-
 @pytest.mark.parametrize("name,data", bad_image_corpus(), ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_images_raise_one_line_media_error(tmp_path: Path, name: str, data: bytes) -> None:
     path = tmp_path / name
@@ -174,7 +141,7 @@ def test_bad_images_raise_one_line_media_error(tmp_path: Path, name: str, data: 
 
 
 def test_bomb_is_refused_by_name(tmp_path: Path) -> None:
-    (tmp_path / "bomb.png").write_bytes(_bomb_png(100_000, 100_000))
+    (tmp_path / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
     with pytest.raises(MediaError, match="too many pixels"):
         read_image(tmp_path / "bomb.png")
 
