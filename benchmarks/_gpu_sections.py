@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def torch_bundle(scale: int, work: Path) -> tuple[Path, str]:
     except Exception as err:  # a .pt2 saved by a newer torch: rebuild the programs from the checkpoint
         from wbsr_export.program import export_subnet_program
         from wbsr_export.slice import extract_subnet
-        from wbsr_runtime.manifest import hash_files, read_manifest_dict, write_manifest
+        from wbsr_runtime.manifest import hash_files, read_manifest, write_manifest
         from wbsr_train.checkpoint import load_checkpoint, supernet_from_checkpoint
 
         copy = Path(shutil.copytree(shipped, work / f"x{scale}", dirs_exist_ok=True))
@@ -124,9 +124,7 @@ def torch_bundle(scale: int, work: Path) -> tuple[Path, str]:
         net = supernet_from_checkpoint(ckpt)
         for i, spec in enumerate(ckpt.specs):
             export_subnet_program(extract_subnet(net, spec), copy / f"subnet_{i:02d}.pt2")
-        data = read_manifest_dict(copy)
-        data["files"] = hash_files(copy)
-        write_manifest(copy, data)
+        write_manifest(copy, replace(read_manifest(copy), files=hash_files(copy)).to_dict())
         return copy, f"programs re-exported with torch {torch.__version__} ({type(err).__name__})"
 
 

@@ -98,12 +98,9 @@ class OnnxWhole:
     session options: the compact model users would pick instead, timed like the whole-frame row."""
 
     def __init__(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort
+        from wbsr_runtime.backends.base import cpu_session
 
-        from wbsr_runtime.backends.base import session_options
-
-        self.session = ort.InferenceSession(str(path), session_options(threads or os.cpu_count() or 1),
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads or os.cpu_count() or 1)
         self.last_stats = None
 
     def upscale(self, lr: np.ndarray) -> np.ndarray:

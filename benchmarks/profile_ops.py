@@ -25,17 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
+from wbsr_runtime.backends.base import cpu_session, session_options
+
 
 def profile(path: Path, x: np.ndarray, threads: int, calls: int) -> dict[str, float]:
     """Mean microseconds per call spent in each operator type (first call excluded: warm-up)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts = session_options(threads)  # the runtime's settings, with profiling on
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = str(Path(tmp) / "p")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = cpu_session(path, threads, opts)
         name = session.get_inputs()[0].name
         for _ in range(calls + 1):
             session.run(None, {name: x})
@@ -51,7 +50,6 @@ def profile(path: Path, x: np.ndarray, threads: int, calls: int) -> dict[str, fl
 
 def conv_sweep(widths: list[int], side: int, threads: int, calls: int) -> list[tuple[int, float]]:
     """(channels, median seconds) of one 3 x 3 convolution C -> C on (1, C, side, side); calls interleaved."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -63,9 +61,7 @@ def conv_sweep(widths: list[int], side: int, threads: int, calls: int) -> list[t
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, side, side])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = cpu_session(model.SerializeToString(), threads)
         x = rng.random((1, c, side, side), dtype=np.float32)
         session.run(None, {"x": x})
         sessions[c] = (session, x)

@@ -20,6 +20,7 @@ import contextlib
 import importlib.machinery
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -31,15 +32,14 @@ def program_bundle(root: Path, scale: int, gains: tuple[float, ...]) -> Path:
     """A `tests/nearest_bundle.py` bundle that lists torch programs: placeholder files, which `FakeTorch`
     reads by name (subnet_XX.pt2 -> gains[XX])."""
     from tests.nearest_bundle import build_nearest_bundle
-    from wbsr_runtime.manifest import hash_files, read_manifest_dict, write_manifest
+    from wbsr_runtime.manifest import hash_files, read_manifest, write_manifest
 
     build_nearest_bundle(root, scale=scale, gains=gains)
-    data = read_manifest_dict(root)
-    for s in data["subnets"]:
-        s["files"]["torch"] = f"subnet_{s['index']:02d}.pt2"
-        (root / s["files"]["torch"]).write_bytes(b"program")
-    data["files"] = hash_files(root)
-    write_manifest(root, data)
+    manifest = read_manifest(root)
+    subnets = tuple(replace(s, files={**s.files, "torch": f"subnet_{s.index:02d}.pt2"}) for s in manifest.subnets)
+    for s in subnets:
+        (root / s.files["torch"]).write_bytes(b"program")
+    write_manifest(root, replace(manifest, subnets=subnets, files=hash_files(root)).to_dict())
     return root
 
 

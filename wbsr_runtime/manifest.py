@@ -181,15 +181,6 @@ def _check_header(data: Any, path: Path) -> None:
         )
 
 
-def read_manifest_dict(bundle_dir: str | Path) -> dict[str, Any]:
-    """The raw manifest as a dict, after the size, format and schema-version checks (for tools and tests that
-    edit a manifest by hand; everything else reads it with `load_manifest`)."""
-    path = Path(bundle_dir) / MANIFEST
-    data = _read_json(path, bundle_dir)
-    _check_header(data, path)
-    return data
-
-
 def parse_manifest(data: Any, root: str | Path) -> Manifest:
     """The typed, validated records of a manifest dict (types, ranges, consistency) for the bundle folder
     `root`; its files are not looked at (`load_manifest` does that). Every refusal is a BundleError."""

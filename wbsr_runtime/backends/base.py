@@ -224,9 +224,11 @@ def session_options(threads: int) -> Any:
     return opts
 
 
-def cpu_session(path: str | os.PathLike, threads: int) -> Any:
-    """An ONNX Runtime CPU session (see `session_options`)."""
+def cpu_session(model: str | os.PathLike | bytes, threads: int, opts: Any = None) -> Any:
+    """An ONNX Runtime CPU session of a graph file (or serialised graph) with `opts` (default
+    `session_options(threads)`)."""
     ort = import_onnxruntime()
 
-    opts = session_options(threads)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    opts = opts or session_options(threads)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
