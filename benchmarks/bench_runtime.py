@@ -34,6 +34,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import _machine  # benchmarks/, beside this script
 import numpy as np
 
 PROBE = Path(__file__).with_name("memprobe.py")
@@ -260,7 +261,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`",
         "",
         f"{report['images']} images, x{report['scale']}, backend {report['backend']}, patch "
-        f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats",
+        f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats; {report.get('cpu', '')}",
         "",
         "| method | Y-PSNR | dB vs whole | predicted dB | SSIM | FLOPs paper % | FLOPs exec % | predicted cost % "
         "| time s | x whole | router / subnets / tiling / other % | peak MB |",
@@ -345,6 +346,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "chunk": args.chunk,
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
+        "cpu": _machine.cpu(),
         "rows": report_rows,
         "large": _large(args, rows) if args.large else None,
     }

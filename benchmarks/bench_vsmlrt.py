@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _machine  # benchmarks/, beside this script
 import numpy as np
 
 SETTINGS = ("default", "one-core")
@@ -241,7 +242,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"`{report['command']}`",
         "",
-        f"{versions}; {report['cpu_count']} CPUs, load average {load[0]:.1f} before and {load[1]:.1f} after (1 min)",
+        f"{versions}; {report.get('cpu', '')}, load average {load[0]:.1f} before and {load[1]:.1f} after (1 min)",
         "",
     ]
     for res in report["settings"]:
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "versions": results[0].pop("versions"),
         "cpu_count": os.cpu_count(),
+        "cpu": _machine.cpu(),
         "load": (results[0]["load_before"][0], results[-1]["load_after"][0]),
         "settings": results,
     }

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _machine  # benchmarks/, beside this script
 import numpy as np
 
 from wbsr_runtime.backends.base import cpu_session, session_options
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(s, profile(manifest.path(s.files["onnx"]), x, args.threads, args.calls)) for s in manifest.subnets]
     full_flops, full_time = rows[-1][0].flops_per_patch, sum(rows[-1][1].values())
     ops = sorted({op for _, r in rows for op in r}, key=lambda op: -sum(r.get(op, 0) for _, r in rows))
-    print(f"`python benchmarks/profile_ops.py {shlex.join(argv)}` ({os.cpu_count()} CPUs)\n")
+    print(f"`python benchmarks/profile_ops.py {shlex.join(argv)}` ({_machine.cpu()})\n")
     print("| subnet (width, depth) | FLOPs % | time % | ms / call | " + " | ".join(f"{op} %" for op in ops) + " |")
     print("|---" * (4 + len(ops)) + "|")
     for s, r in rows:
