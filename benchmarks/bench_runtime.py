@@ -261,7 +261,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`",
         "",
         f"{report['images']} images, x{report['scale']}, backend {report['backend']}, patch "
-        f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats; {report.get('cpu', '')}",
+        f"{report['patch']} + {report['overlap']} context, {report['repeats']} timed repeats; {report['cpu']}",
         "",
         "| method | Y-PSNR | dB vs whole | predicted dB | SSIM | FLOPs paper % | FLOPs exec % | predicted cost % "
         "| time s | x whole | router / subnets / tiling / other % | peak MB |",

@@ -242,7 +242,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"`{report['command']}`",
         "",
-        f"{versions}; {report.get('cpu', '')}, load average {load[0]:.1f} before and {load[1]:.1f} after (1 min)",
+        f"{versions}; {report['cpu']}, load average {load[0]:.1f} before and {load[1]:.1f} after (1 min)",
         "",
     ]
     for res in report["settings"]:
