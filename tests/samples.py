@@ -94,7 +94,7 @@ def probe(path: Path) -> dict:
         }
 
 
-def png_chunk(tag: bytes, data: bytes) -> bytes:
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
@@ -102,7 +102,7 @@ def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height pixels, over a few bytes of data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 4096)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def _encoded(fmt: str) -> bytes:

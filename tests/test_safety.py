@@ -33,6 +33,7 @@ from PIL import Image as PILImage
 
 from tests import ROOT
 from tests.nearest_bundle import build_nearest_bundle
+from tests.samples import bomb_png, make_clip
 from wbsr_runtime import cli
 from wbsr_runtime.engines import engine_file, profile_shapes
 from wbsr_runtime.manifest import SCHEMA_VERSION, hash_files, write_manifest
@@ -81,8 +82,6 @@ def _standin_command(argv: list[str], delay: float) -> list[str]:
 @pytest.mark.slow
 def test_interrupted_video_leaves_no_output(tmp_path: Path, sig: int, code: int, word: str) -> None:
     pytest.importorskip("av")
-    from tests.samples import make_clip
-
     make_clip(tmp_path / "clip.mp4", frames=40)
     out = tmp_path / "out"
     out.mkdir()
@@ -135,8 +134,6 @@ def test_output_equal_to_an_input_is_refused(bundle: Path, tmp_path: Path, capsy
 
 def test_video_output_equal_to_input_or_existing_is_refused(bundle: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("av")
-    from tests.samples import make_clip
-
     clip = tmp_path / "clip.mp4"
     make_clip(clip)
     before = clip.read_bytes()
@@ -369,12 +366,8 @@ def test_max_pixels_refuses_large_frames_by_name(bundle: Path, tmp_path: Path, c
     _refused(*_run([str(src), "-o", str(tmp_path / "o.png"), *base, "1999"], capsys), str(src), "exceeds")
     assert not (tmp_path / "o.png").exists()
     assert _run([str(src), "-o", str(tmp_path / "o.png"), *base, "2000"], capsys)[0] == 0  # the limit is inclusive
-    from tests.samples import bomb_png
-
     (tmp_path / "header.png").write_bytes(bomb_png(5000, 5000))  # refused from its header, never decoded
     _refused(*_run([str(tmp_path / "header.png"), "-o", str(tmp_path / "h.png"), *base, "10000"], capsys), "exceeds")
-    from tests.samples import make_clip
-
     make_clip(tmp_path / "clip.mp4")  # 32 x 24 = 768 pixels per frame
     _refused(*_run([str(tmp_path / "clip.mp4"), "-o", str(tmp_path / "o.mp4"), *base, "500"], capsys), "exceeds")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "clip.mp4", "header.png", "o.png"]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image as PILImage
 
 from tests import ROOT
-from tests.samples import bad_image_corpus
+from tests.samples import bad_image_corpus, make_clip, probe
 from tests.standin import NearestUpscaler
 from wbsr_runtime import cli
 
@@ -101,8 +101,6 @@ def test_single_routing_map_and_stats(tmp_path: Path, standin: None) -> None:
 
 def test_video_input(tmp_path: Path, standin: None) -> None:
     pytest.importorskip("av")
-    from tests.samples import make_clip, probe
-
     make_clip(tmp_path / "clip.mp4")
     make_clip(tmp_path / "audio.mp4", video=False)
     assert cli.main([str(tmp_path / "clip.mp4"), str(tmp_path / "audio.mp4"), "-o", str(tmp_path / "o")]) == 2
@@ -171,8 +169,6 @@ def test_real_upscaler_subprocess(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigterm_during_video_leaves_nothing(tmp_path: Path) -> None:
     pytest.importorskip("av")
-    from tests.samples import make_clip
-
     make_clip(tmp_path / "clip.mp4", frames=40)
     out = tmp_path / "o.mp4"
     p = subprocess.Popen(

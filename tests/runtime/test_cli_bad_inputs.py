@@ -4,7 +4,8 @@ Every input gives either a correct output or exit 2 with one line on stderr nami
 line); never a traceback, a hang, a partial output or a leftover temporary file, and the input is untouched.
 Each case runs in-process (`cli.main`) with a real bundle (the nearest-neighbour stand-in, so a correct output
 is checked exactly against nearest upscaling of a reference decode); one subprocess run of the whole corpus
-proves that nothing reaches stderr but those lines. The rest of the issue is in tests/test_safety.py.
+proves that nothing reaches stderr but those lines. Interrupted runs, tampered bundles and the other safety
+cases are in tests/test_safety.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from PIL import ImageOps
 
 from tests import ROOT
 from tests.nearest_bundle import build_nearest_bundle
-from tests.samples import bomb_png
+from tests.samples import bomb_png, make_clip, make_size_change_clip, probe
 from wbsr_runtime import cli
 from wbsr_runtime.media import Image, _png16_bytes, read_image, upscale_alpha, write_image
 from wbsr_runtime.plan import out_name
@@ -109,12 +110,7 @@ def _save(make_image: Callable[[], PILImage.Image], **kw: object) -> Callable[[P
 
 
 def _clip(**kw: object) -> Callable[[Path], None]:
-    def make(p: Path) -> None:
-        from tests.samples import make_clip
-
-        make_clip(p, **kw)
-
-    return make
+    return lambda p: make_clip(p, **kw)
 
 
 def _frames(fmt: str, count: int = 3, **kw: object) -> Callable[[Path], None]:
@@ -125,12 +121,6 @@ def _frames(fmt: str, count: int = 3, **kw: object) -> Callable[[Path], None]:
         frames[0].save(p, format=fmt, save_all=True, append_images=frames[1:], **kw)
 
     return make
-
-
-def _size_change(p: Path) -> None:
-    from tests.samples import make_size_change_clip
-
-    make_size_change_clip(p)
 
 
 def _clip_bytes(ext: str, edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
@@ -207,8 +197,6 @@ def video_ok(src: Path, out: Path) -> None:
 
 def same_video(src: Path, out: Path) -> None:
     """Every frame, at the source's times and rate, upright the same way, with its audio: nothing dropped."""
-    from tests.samples import probe
-
     video_ok(src, out)
     a, b = probe(src), probe(out)
     assert (b["frames"], b["rate"], b["rotation"], b["audio"]) == (a["frames"], a["rate"], a["rotation"], a["audio"])
@@ -352,7 +340,7 @@ def _videos() -> list[Case]:
     cases += [
         Case("rotated90.mp4", _clip(rotation=90), same_video),
         Case("rotated180.mkv", _clip(rotation=180), same_video),
-        Case("size_change.mkv", _size_change, msg="frame size changes at frame 5"),
+        Case("size_change.mkv", make_size_change_clip, msg="frame size changes at frame 5"),
     ]
     for ext in (".mp4", ".mkv"):
         cases += [
